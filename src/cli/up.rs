@@ -1,0 +1,302 @@
+//! `mhv up`: one command for a local stack. Uses NATS and PostgreSQL at the configured URLs
+//! when something answers there; otherwise starts a nats-server (JetStream, store under the data
+//! directory) and/or a throwaway PostgreSQL cluster. Then migrates, starts the gateway and two
+//! workers (sibling binaries `mhv-gateway` and `mhv-worker`), submits a demo task through the
+//! gateway and reads it back, prints what to paste, and on Ctrl-C stops everything it started.
+
+use crate::config::{ApiKeySettings, LogFormat, Settings};
+use crate::devstack::{self, nats::NatsServer, postgres::LocalCluster};
+use anyhow::{bail, Context as _};
+use secrecy::ExposeSecret;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Options of `mhv up`.
+#[derive(clap::Args, Debug)]
+pub struct UpArgs {
+    /// Where started servers keep their data, and where the generated config and demo key live.
+    #[arg(long, default_value = ".mhv")]
+    pub data_dir: PathBuf,
+    /// Worker processes to start.
+    #[arg(long, default_value_t = 2)]
+    pub workers: u16,
+    /// Skip the demo task.
+    #[arg(long)]
+    pub no_demo: bool,
+    /// Exit after the demo task instead of running until Ctrl-C (for scripts and CI).
+    #[arg(long)]
+    pub exit_after_demo: bool,
+}
+
+struct Children(Vec<(String, Child)>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (name, child) in self.0.iter_mut().rev() {
+            devstack::postgres::terminate(child, Duration::from_secs(30));
+            eprintln!("stopped {name}");
+        }
+    }
+}
+
+/// Runs `mhv up`.
+pub async fn run(
+    mut settings: Settings,
+    _config: Option<&Path>,
+    args: UpArgs,
+) -> anyhow::Result<()> {
+    let data = std::path::absolute(&args.data_dir)?;
+    std::fs::create_dir_all(&data)?;
+
+    // NATS.
+    let nats_addr = host_port(&settings.nats.url, 4222)?;
+    let _nats = if devstack::answers(&nats_addr) {
+        eprintln!("using NATS at {}", settings.nats.url);
+        None
+    } else {
+        let port = nats_addr
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(4222);
+        let s = NatsServer::start(&data.join("nats"), port)?;
+        eprintln!(
+            "started nats-server at {} (store {})",
+            s.url(),
+            data.join("nats").display()
+        );
+        settings.nats.url = s.url();
+        Some(s)
+    };
+
+    // PostgreSQL.
+    let db_url = settings.database.url.expose_secret().to_owned();
+    let pg_addr = host_port(&db_url, 5432)?;
+    let _pg = if devstack::answers(&pg_addr) {
+        eprintln!("using PostgreSQL at {pg_addr}");
+        None
+    } else {
+        let port = pg_addr
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(5432);
+        let c = LocalCluster::start(&data.join("pg"), port)?;
+        eprintln!(
+            "started a throwaway PostgreSQL cluster on port {port} ({})",
+            data.join("pg").display()
+        );
+        Some(c)
+    };
+    crate::db::migrate(&settings.database).await?;
+    eprintln!("migrations applied");
+
+    // A demo API key, kept across runs.
+    let key_file = data.join("demo-api-key");
+    let key = match std::fs::read_to_string(&key_file) {
+        Ok(k) if !k.trim().is_empty() => k.trim().to_owned(),
+        _ => {
+            let k = super::generate_key();
+            std::fs::write(&key_file, &k)?;
+            k
+        }
+    };
+    let hash = crate::config::hash_api_key(&key);
+    if !settings.gateway.api_keys.iter().any(|k| k.sha256 == hash) {
+        settings.gateway.api_keys.push(ApiKeySettings {
+            name: "demo".into(),
+            sha256: hash,
+        });
+    }
+    settings.log.format = LogFormat::Pretty;
+    settings.validate()?;
+    let config_path = data.join("up.toml");
+    std::fs::write(&config_path, toml::to_string_pretty(&settings)?)?;
+
+    let bin_dir = std::env::current_exe()?
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let mut children = Children(Vec::new());
+    let spawn = |bin: &str, extra: &[(&str, String)]| -> anyhow::Result<Child> {
+        let path = find_sibling(&bin_dir, bin)?;
+        let mut cmd = Command::new(&path);
+        cmd.arg("--config")
+            .arg(&config_path)
+            // The generated file redacts the URL; pass it by environment.
+            .env("MHV_DATABASE__URL", &db_url)
+            .stdin(Stdio::null());
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        cmd.spawn()
+            .with_context(|| format!("starting {}", path.display()))
+    };
+    children
+        .0
+        .push(("gateway".into(), spawn("mhv-gateway", &[])?));
+    for i in 0..args.workers {
+        let metrics = format!("127.0.0.1:{}", 9091 + i);
+        children.0.push((
+            format!("worker {}", i + 1),
+            spawn("mhv-worker", &[("MHV_WORKER__METRICS_LISTEN", metrics)])?,
+        ));
+    }
+
+    let base = format!("http://{}", settings.gateway.listen);
+    let http = reqwest::Client::new();
+    wait_ready(&http, &base, &mut children).await?;
+
+    println!();
+    println!("Mahavishnu is up.");
+    println!("  gateway:   {base}");
+    println!("  api key:   {key}   (also in {})", key_file.display());
+    println!("  metrics:   {base}/metrics, worker metrics on 127.0.0.1:9091..");
+    println!("  try:");
+    println!(
+        "    curl -sS -X POST {base}/v1/tasks -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -H 'Idempotency-Key: demo-1' -d '{{\"title\":\"Hello\",\"repository\":\"demo\"}}'"
+    );
+    println!("    curl -sS {base}/v1/tasks/<id> -H 'Authorization: Bearer {key}'");
+
+    if !args.no_demo {
+        demo(&http, &base, &key).await?;
+    }
+    if args.exit_after_demo {
+        return Ok(());
+    }
+    println!("\nCtrl-C stops everything mhv up started.");
+    loop {
+        tokio::select! {
+            () = super::shutdown_signal() => break,
+            () = tokio::time::sleep(Duration::from_millis(500)) => {
+                for (name, child) in children.0.iter_mut() {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        bail!("{name} exited ({status}); stopping the stack");
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The demo job: create a task through the gateway and read it back with its audit row.
+async fn demo(http: &reqwest::Client, base: &str, key: &str) -> anyhow::Result<()> {
+    let resp = http
+        .post(format!("{base}/v1/tasks"))
+        .bearer_auth(key)
+        .header(
+            "Idempotency-Key",
+            format!("mhv-up-demo-{}", uuid::Uuid::now_v7()),
+        )
+        .json(&serde_json::json!({
+            "title": "Hello from mhv up",
+            "repository": "demo",
+            "priority": "high",
+            "description": "A demo task; the audit log shows this text redacted.",
+        }))
+        .send()
+        .await?;
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await?;
+    if status.as_u16() != 202 {
+        bail!("demo task was not accepted: {status} {body}");
+    }
+    let id = body["id"].as_str().unwrap_or_default().to_owned();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        let r = http
+            .get(format!("{base}/v1/tasks/{id}/audit"))
+            .bearer_auth(key)
+            .send()
+            .await?;
+        if r.status().is_success() {
+            let audit: serde_json::Value = r.json().await?;
+            println!(
+                "\ndemo: task {id} accepted (202) and persisted in {} ms with audit: {}",
+                start.elapsed().as_millis(),
+                audit
+            );
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("demo task {id} was accepted but not persisted within 10 s; check the worker logs")
+}
+
+async fn wait_ready(
+    http: &reqwest::Client,
+    base: &str,
+    children: &mut Children,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
+        if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
+            if r.status().is_success() {
+                return Ok(());
+            }
+        }
+        for (name, child) in children.0.iter_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                bail!("{name} exited during start-up ({status})");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("the gateway did not become ready within 60 s")
+}
+
+fn find_sibling(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let beside = dir.join(name);
+    if beside.is_file() {
+        return Ok(beside);
+    }
+    std::env::var_os("PATH")
+        .and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|p| p.is_file()))
+        .with_context(|| {
+            format!("`{name}` is neither beside mhv ({}) nor on PATH; build it with `cargo build --workspace`", dir.display())
+        })
+}
+
+/// `host:port` of a URL such as `nats://h:4222` or `postgres://u@h:5432/db` (first host only).
+pub fn host_port(url: &str, default_port: u16) -> anyhow::Result<String> {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    let rest = rest.split(['/', '?', ',']).next().unwrap_or(rest);
+    let hostport = rest.rsplit_once('@').map(|(_, h)| h).unwrap_or(rest);
+    if hostport.is_empty() {
+        bail!("no host in {url:?}");
+    }
+    Ok(
+        if hostport
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        {
+            hostport.to_owned()
+        } else {
+            format!("{hostport}:{default_port}")
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_port;
+
+    #[test]
+    fn host_port_of_urls() {
+        assert_eq!(
+            host_port("nats://127.0.0.1:4222", 1).unwrap(),
+            "127.0.0.1:4222"
+        );
+        assert_eq!(host_port("nats://a:1,nats://b:2", 1).unwrap(), "a:1");
+        assert_eq!(
+            host_port("postgres://postgres@127.0.0.1:5432/x", 1).unwrap(),
+            "127.0.0.1:5432"
+        );
+        assert_eq!(
+            host_port("postgres://u:p@db/x?sslmode=disable", 5432).unwrap(),
+            "db:5432"
+        );
+    }
+}

@@ -1,0 +1,108 @@
+//! PostgreSQL: the pool, the migrator shared by binaries and tests, and the rule that keeps
+//! transactions from being cancelled half-way.
+//!
+//! # Cancellation
+//! sqlx (0.8.6 and 0.9.0 alike, sqlx#4393) can return a pooled connection that is still inside
+//! a transaction when the future running `BEGIN` is dropped mid-flight; the next borrower's
+//! statements then run inside that stale transaction. We never let a transaction be cancelled:
+//! every unit of transactional work runs through [`detached`], a spawned task that finishes even
+//! if its caller is dropped. `tests/db_cancellation.rs` proves the pool stays clean.
+
+use crate::config::DatabaseSettings;
+use anyhow::Context as _;
+use secrecy::ExposeSecret;
+use sqlx::migrate::{MigrateDatabase, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres};
+use std::future::Future;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// The migrator over `migrations/`, embedded at compile time.
+pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// Id of the seeded system user that owns tasks submitted without a user account.
+pub const SYSTEM_USER_ID: uuid::Uuid = uuid::Uuid::from_u128(1);
+
+/// Connection options with server-side timeouts set at connect time (no extra round trip).
+pub fn connect_options(s: &DatabaseSettings) -> anyhow::Result<PgConnectOptions> {
+    Ok(PgConnectOptions::from_str(s.url.expose_secret())
+        .context("database.url is not a valid PostgreSQL URL")?
+        .application_name("mahavishnu")
+        .options([
+            ("statement_timeout", format!("{}ms", s.statement_timeout_ms)),
+            (
+                "idle_in_transaction_session_timeout",
+                format!("{}ms", s.idle_in_transaction_timeout_ms),
+            ),
+            ("lock_timeout", format!("{}ms", s.statement_timeout_ms / 2)),
+        ]))
+}
+
+/// A lazily connecting pool: processes start while the database is down and recover when it
+/// comes back.
+pub fn pool(s: &DatabaseSettings) -> anyhow::Result<PgPool> {
+    Ok(PgPoolOptions::new()
+        .max_connections(s.max_connections)
+        .acquire_timeout(Duration::from_millis(s.acquire_timeout_ms))
+        .connect_lazy_with(connect_options(s)?))
+}
+
+/// Creates the database named in the URL if it does not exist.
+pub async fn ensure_database(s: &DatabaseSettings) -> anyhow::Result<()> {
+    let url = s.url.expose_secret();
+    if !Postgres::database_exists(url)
+        .await
+        .context("checking whether the database exists")?
+    {
+        Postgres::create_database(url)
+            .await
+            .context("creating the database")?;
+    }
+    Ok(())
+}
+
+/// Creates the database if needed and applies every pending migration.
+pub async fn migrate(s: &DatabaseSettings) -> anyhow::Result<()> {
+    ensure_database(s).await?;
+    let pool = pool(s)?;
+    MIGRATOR.run(&pool).await.context("applying migrations")?;
+    pool.close().await;
+    Ok(())
+}
+
+/// Runs transactional work to completion even if the caller is dropped. See the module docs.
+pub async fn detached<F, T>(work: F) -> Result<T, sqlx::Error>
+where
+    F: Future<Output = Result<T, sqlx::Error>> + Send + 'static,
+    T: Send + 'static,
+{
+    match tokio::spawn(work).await {
+        Ok(r) => r,
+        Err(e) => Err(sqlx::Error::WorkerCrashed).inspect_err(|_| {
+            tracing::error!(error = %e, "database task panicked or was aborted");
+        }),
+    }
+}
+
+/// True for errors worth retrying: connection loss, pool timeout, serialization failure,
+/// deadlock, lock or statement timeout, server shutting down.
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) => {
+            matches!(
+                db.code().as_deref(),
+                // serialization_failure, deadlock_detected, lock_not_available, query_canceled
+                // (statement_timeout), admin_shutdown, crash_shutdown, cannot_connect_now,
+                // too_many_connections, connection exceptions (08xxx)
+                Some("40001" | "40P01" | "55P03" | "57014" | "57P01" | "57P02" | "57P03" | "53300")
+            ) || db.code().is_some_and(|c| c.starts_with("08"))
+        }
+        _ => false,
+    }
+}

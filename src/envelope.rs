@@ -1,0 +1,296 @@
+//! What travels on the task subject, and how a message's identity is derived.
+//!
+//! - Between our processes the body is an [`Envelope`] in MessagePack
+//!   (`Content-Type: application/vnd.mahavishnu.envelope+msgpack`).
+//! - Outside producers publish a bare [`TaskRequest`] as JSON (`application/json`, the default)
+//!   or MessagePack (`application/msgpack`). See docs/producers.md.
+//!
+//! Identity: every message has a *ledger key*, from which the task id is derived
+//! (`task_id = UUIDv5(namespace, key)`). The gateway computes the same id before publishing, so
+//! it can answer `202` with a `Location` that holds, and a retried request gets the same id.
+//! The ledger key is unique in PostgreSQL; that, not JetStream's short dedup window, is what
+//! makes a message take effect once.
+
+use crate::task::TaskRequest;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+/// Media type of the internal envelope.
+pub const CONTENT_TYPE_ENVELOPE: &str = "application/vnd.mahavishnu.envelope+msgpack";
+/// Media type of a JSON task from an outside producer (also the default when absent).
+pub const CONTENT_TYPE_JSON: &str = "application/json";
+/// Media type of a MessagePack task from an outside producer.
+pub const CONTENT_TYPE_MSGPACK: &str = "application/msgpack";
+
+/// Header names.
+pub mod headers {
+    /// JetStream's dedup id.
+    pub const MSG_ID: &str = "Nats-Msg-Id";
+    /// Refuse the publish unless it lands in this stream.
+    pub const EXPECTED_STREAM: &str = "Nats-Expected-Stream";
+    /// Media type of the body.
+    pub const CONTENT_TYPE: &str = "Content-Type";
+    /// Optional producer name for direct publishers (audited as `nats:<name>`).
+    pub const PRODUCER: &str = "Mhv-Producer";
+}
+
+/// Namespace for task ids derived from ledger keys. Never change it: ids would change.
+pub const TASK_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6d68_765f_7461_736b_8000_0000_0000_0001);
+
+/// The internal message: who submitted what, and when the gateway accepted it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Envelope {
+    /// Format version.
+    pub v: u8,
+    /// Authenticated principal (API key name).
+    pub principal: String,
+    /// When the gateway accepted the request; deadlines are validated against it.
+    pub accepted_at: DateTime<Utc>,
+    /// The request as the client sent it; workers validate it again.
+    pub request: TaskRequest,
+}
+
+/// A decoded task message, whichever way it was published.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Incoming {
+    /// Ledger key (unique in PostgreSQL).
+    pub key: String,
+    /// Who submitted it.
+    pub principal: String,
+    /// When it was accepted (gateway clock, or JetStream's store time for direct producers).
+    pub accepted_at: DateTime<Utc>,
+    /// The request.
+    pub request: TaskRequest,
+}
+
+/// Why a message could not be decoded. Always permanent: the bytes will not change on redelivery.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The media type is not one we accept.
+    #[error("unsupported Content-Type {0:?}; use application/json or application/msgpack")]
+    UnsupportedMediaType(String),
+    /// The bytes are not a valid body of that media type.
+    #[error("malformed {kind} body: {detail}")]
+    Malformed {
+        /// json, msgpack or envelope.
+        kind: &'static str,
+        /// Decoder message (no payload bytes).
+        detail: String,
+    },
+    /// The envelope has a version we do not understand.
+    #[error("unsupported envelope version {0}")]
+    Version(u8),
+}
+
+impl DecodeError {
+    /// The catalog code for this failure.
+    pub fn code(&self) -> crate::error::ErrorCode {
+        match self {
+            Self::UnsupportedMediaType(_) => crate::error::ErrorCode::UnsupportedMediaType,
+            Self::Malformed { .. } | Self::Version(_) => crate::error::ErrorCode::MalformedBody,
+        }
+    }
+}
+
+/// Ledger key of a gateway submission: scoped to the caller, so two clients' keys cannot collide.
+pub fn api_key_for(principal: &str, idempotency_key: &str) -> String {
+    format!("api:{principal}:{idempotency_key}")
+}
+
+/// Task id for a ledger key.
+pub fn task_id_for(key: &str) -> Uuid {
+    Uuid::new_v5(&TASK_ID_NAMESPACE, key.as_bytes())
+}
+
+/// SHA-256 of the canonical encoding of a request, to tell a true retry from a reused key.
+/// Canonical: MessagePack of the typed request; JSON objects in metadata are key-sorted.
+pub fn request_fingerprint(req: &TaskRequest) -> [u8; 32] {
+    let bytes = rmp_serde::to_vec_named(req).unwrap_or_default();
+    Sha256::digest(&bytes).into()
+}
+
+/// Encodes an envelope.
+pub fn encode_envelope(env: &Envelope) -> Result<Vec<u8>, rmp_serde::encode::Error> {
+    rmp_serde::to_vec_named(env)
+}
+
+/// Decodes a message from the task subject.
+///
+/// - `content_type`: the `Content-Type` header, if any.
+/// - `msg_id`: the `Nats-Msg-Id` header, if any.
+/// - `producer`: the `Mhv-Producer` header, if any.
+/// - `stream_ref`: `(stream, sequence)` of the message, the key of last resort.
+/// - `stored_at`: when JetStream stored it.
+pub fn decode(
+    content_type: Option<&str>,
+    msg_id: Option<&str>,
+    producer: Option<&str>,
+    stream_ref: (&str, u64),
+    stored_at: DateTime<Utc>,
+    body: &[u8],
+) -> Result<Incoming, DecodeError> {
+    let media = content_type
+        .map(|c| {
+            c.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_else(|| CONTENT_TYPE_JSON.to_owned());
+    let external_key = || match msg_id.filter(|m| !m.is_empty()) {
+        Some(id) => format!("nats:{id}"),
+        None => format!("seq:{}:{}", stream_ref.0, stream_ref.1),
+    };
+    let external_principal = || match producer.filter(|p| !p.is_empty()) {
+        Some(p) => format!("nats:{}", p.chars().take(64).collect::<String>()),
+        None => "nats".to_owned(),
+    };
+    match media.as_str() {
+        CONTENT_TYPE_ENVELOPE => {
+            let env: Envelope =
+                rmp_serde::from_slice(body).map_err(|e| DecodeError::Malformed {
+                    kind: "envelope",
+                    detail: e.to_string(),
+                })?;
+            if env.v != 1 {
+                return Err(DecodeError::Version(env.v));
+            }
+            // The gateway always sets Nats-Msg-Id to the ledger key; without it, fall back to
+            // the stream position so that redeliveries still share a key.
+            let key = msg_id
+                .filter(|m| m.starts_with("api:"))
+                .map(str::to_owned)
+                .unwrap_or_else(|| format!("seq:{}:{}", stream_ref.0, stream_ref.1));
+            Ok(Incoming {
+                key,
+                principal: env.principal,
+                accepted_at: env.accepted_at,
+                request: env.request,
+            })
+        }
+        CONTENT_TYPE_JSON | "text/json" => {
+            let request: TaskRequest =
+                serde_json::from_slice(body).map_err(|e| DecodeError::Malformed {
+                    kind: "json",
+                    detail: e.to_string(),
+                })?;
+            Ok(Incoming {
+                key: external_key(),
+                principal: external_principal(),
+                accepted_at: stored_at,
+                request,
+            })
+        }
+        CONTENT_TYPE_MSGPACK | "application/x-msgpack" | "application/vnd.msgpack" => {
+            let request: TaskRequest =
+                rmp_serde::from_slice(body).map_err(|e| DecodeError::Malformed {
+                    kind: "msgpack",
+                    detail: e.to_string(),
+                })?;
+            Ok(Incoming {
+                key: external_key(),
+                principal: external_principal(),
+                accepted_at: stored_at,
+                request,
+            })
+        }
+        other => Err(DecodeError::UnsupportedMediaType(other.to_owned())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn req() -> TaskRequest {
+        TaskRequest {
+            title: Some("t".into()),
+            repository: Some("r".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn envelope_round_trips_and_keeps_the_gateway_key() {
+        let env = Envelope {
+            v: 1,
+            principal: "ci".into(),
+            accepted_at: Utc::now(),
+            request: req(),
+        };
+        let bytes = encode_envelope(&env).unwrap();
+        let key = api_key_for("ci", "k1");
+        let inc = decode(
+            Some(CONTENT_TYPE_ENVELOPE),
+            Some(&key),
+            None,
+            ("S", 9),
+            Utc::now(),
+            &bytes,
+        )
+        .unwrap();
+        assert_eq!(inc.key, "api:ci:k1");
+        assert_eq!(inc.principal, "ci");
+        assert_eq!(inc.request, req());
+        assert_eq!(task_id_for(&inc.key), task_id_for("api:ci:k1"));
+    }
+
+    #[test]
+    fn external_producers_are_scoped_and_fall_back_to_stream_position() {
+        let json = serde_json::to_vec(&req()).unwrap();
+        let a = decode(None, Some("x"), Some("etl"), ("S", 1), Utc::now(), &json).unwrap();
+        assert_eq!(a.key, "nats:x");
+        assert_eq!(a.principal, "nats:etl");
+        let mp = rmp_serde::to_vec_named(&req()).unwrap();
+        let b = decode(
+            Some("application/msgpack"),
+            None,
+            None,
+            ("S", 7),
+            Utc::now(),
+            &mp,
+        )
+        .unwrap();
+        assert_eq!(b.key, "seq:S:7");
+        // An outside producer cannot claim a gateway key.
+        let c = decode(None, Some("api:ci:k1"), None, ("S", 1), Utc::now(), &json).unwrap();
+        assert_eq!(c.key, "nats:api:ci:k1");
+    }
+
+    #[test]
+    fn bad_bodies_are_typed_errors() {
+        assert!(matches!(
+            decode(Some("text/plain"), None, None, ("S", 1), Utc::now(), b"x"),
+            Err(DecodeError::UnsupportedMediaType(_))
+        ));
+        assert!(matches!(
+            decode(None, None, None, ("S", 1), Utc::now(), b"{"),
+            Err(DecodeError::Malformed { kind: "json", .. })
+        ));
+        assert!(matches!(
+            decode(None, None, None, ("S", 1), Utc::now(), br#"{"titel":"x"}"#),
+            Err(DecodeError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn fingerprint_tells_bodies_apart() {
+        let mut other = req();
+        other.title = Some("u".into());
+        assert_eq!(request_fingerprint(&req()), request_fingerprint(&req()));
+        assert_ne!(request_fingerprint(&req()), request_fingerprint(&other));
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(ct in proptest::option::of("[a-z/+.;= -]{0,40}"), body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode(ct.as_deref(), None, None, ("S", 1), Utc::now(), &body);
+            let _ = decode(Some(CONTENT_TYPE_ENVELOPE), Some("api:a:b"), None, ("S", 1), Utc::now(), &body);
+            let _ = decode(Some(CONTENT_TYPE_MSGPACK), None, None, ("S", 1), Utc::now(), &body);
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! Subject, stream, consumer and service names, and the idempotent set-up of JetStream.
+//!
+//! Every process calls [`ensure`] at start-up; whichever starts first creates the stream and
+//! the consumer, later ones update them to the configured settings (create-or-update is
+//! idempotent on the server).
+
+use crate::config::NatsSettings;
+use async_nats::jetstream::{self, consumer, stream};
+use std::time::Duration;
+
+/// Subject for task creation (gateway and direct producers).
+pub const SUBJECT_TASKS_CREATE: &str = "mhv.tasks.create";
+/// Subjects the task stream captures. Later subjects (`mhv.tasks.execute`, webhooks) fit here.
+pub const STREAM_SUBJECTS: &str = "mhv.tasks.>";
+/// Name of the NATS service (micro) the workers expose for reads.
+pub const READ_SERVICE_NAME: &str = "mhv-tasks";
+/// Queue group of the read service: every worker replica joins it.
+pub const READ_QUEUE_GROUP: &str = "mhv-workers";
+/// Request subject: get one task by id (payload: the id as text).
+pub const SUBJECT_READ_TASK: &str = "mhv.api.tasks.get";
+/// Request subject: audit log of one task (payload: the id as text).
+pub const SUBJECT_READ_AUDIT: &str = "mhv.api.tasks.audit";
+
+/// Stream configuration from settings.
+pub fn stream_config(n: &NatsSettings) -> stream::Config {
+    stream::Config {
+        name: n.stream.name.clone(),
+        description: Some("Mahavishnu tasks awaiting persistence and execution".into()),
+        subjects: vec![STREAM_SUBJECTS.into()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        // Refuse new messages when full (the gateway answers 503) instead of discarding old,
+        // unprocessed tasks.
+        discard: stream::DiscardPolicy::New,
+        max_bytes: n.stream.max_bytes,
+        max_message_size: n.stream.max_message_bytes,
+        num_replicas: n.stream.replicas,
+        duplicate_window: Duration::from_secs(n.stream.duplicate_window_secs),
+        ..Default::default()
+    }
+}
+
+/// The workers' durable pull consumer configuration.
+pub fn consumer_config(n: &NatsSettings) -> consumer::pull::Config {
+    let c = &n.consumer;
+    consumer::pull::Config {
+        durable_name: Some(c.durable_name.clone()),
+        description: Some("Mahavishnu workers: persist and audit tasks".into()),
+        filter_subject: SUBJECT_TASKS_CREATE.into(),
+        ack_policy: consumer::AckPolicy::Explicit,
+        deliver_policy: consumer::DeliverPolicy::All,
+        ack_wait: Duration::from_secs(c.ack_wait_secs),
+        max_deliver: c.max_deliver,
+        backoff: c
+            .backoff_secs
+            .iter()
+            .map(|s| Duration::from_secs(*s))
+            .collect(),
+        max_ack_pending: c.max_ack_pending,
+        ..Default::default()
+    }
+}
+
+/// Creates or updates the stream and the consumer. Safe to call from every process at once.
+pub async fn ensure(
+    js: &jetstream::Context,
+    n: &NatsSettings,
+) -> anyhow::Result<consumer::PullConsumer> {
+    use anyhow::Context as _;
+    js.create_or_update_stream(stream_config(n))
+        .await
+        .with_context(|| format!("creating or updating stream {}", n.stream.name))?;
+    let consumer = js
+        .create_consumer_on_stream(consumer_config(n), &n.stream.name)
+        .await
+        .with_context(|| format!("creating or updating consumer {}", n.consumer.durable_name))?;
+    Ok(consumer)
+}
+
+/// Connects to NATS with the options every Mahavishnu process uses: a name, retries on the
+/// initial connect and unlimited reconnects.
+pub async fn connect(url: &str, name: &str) -> anyhow::Result<async_nats::Client> {
+    use anyhow::Context as _;
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(3))
+        .max_reconnects(None)
+        .connect(url)
+        .await
+        .with_context(|| format!("connecting to NATS at {url}"))
+}

@@ -1,0 +1,290 @@
+//! The consume loop: pull messages, classify them, write each ready chunk in one transaction,
+//! then ack (or terminate poison) — never before the commit.
+
+use crate::persist::{self, Item, ItemKind, Outcome, Raw};
+use crate::Ctx;
+use async_nats::jetstream::{self, AckKind};
+use futures::StreamExt;
+use mahavishnu::envelope::{self, headers};
+use mahavishnu::{db, task, ErrorCode};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Consumes until `shutdown` is cancelled, then stops pulling and lets in-flight batches finish
+/// (up to the configured grace period).
+pub async fn consume(
+    ctx: Arc<Ctx>,
+    consumer: jetstream::consumer::PullConsumer,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let w = &ctx.settings.worker;
+    let permits = Arc::new(Semaphore::new(w.max_in_flight_batches));
+    let mut batches = JoinSet::new();
+    ctx.metrics.up.set(1);
+    'outer: while !shutdown.is_cancelled() {
+        let messages = match consumer
+            .stream()
+            .max_messages_per_batch(w.batch_size * 2)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start pulling; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    () = shutdown.cancelled() => break,
+                }
+            }
+        };
+        let mut chunks = messages.ready_chunks(w.batch_size);
+        loop {
+            let permit = tokio::select! {
+                p = permits.clone().acquire_owned() => p?,
+                () = shutdown.cancelled() => break 'outer,
+            };
+            let chunk = tokio::select! {
+                c = chunks.next() => c,
+                () = shutdown.cancelled() => break 'outer,
+            };
+            let Some(chunk) = chunk else {
+                tracing::warn!("message stream ended; re-subscribing");
+                continue 'outer;
+            };
+            let mut msgs = Vec::with_capacity(chunk.len());
+            for m in chunk {
+                match m {
+                    Ok(m) => msgs.push(m),
+                    Err(e) => tracing::warn!(error = %e, "pull stream error"),
+                }
+            }
+            if msgs.is_empty() {
+                continue;
+            }
+            let ctx = ctx.clone();
+            batches.spawn(async move {
+                let _permit = permit;
+                handle_batch(&ctx, msgs).await;
+            });
+            while let Some(r) = batches.try_join_next() {
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "batch task failed");
+                }
+            }
+        }
+    }
+    ctx.metrics.up.set(0);
+    let grace = Duration::from_secs(w.shutdown_grace_secs);
+    tracing::info!(
+        in_flight = batches.len(),
+        "stopped pulling; finishing in-flight batches"
+    );
+    if tokio::time::timeout(grace, async {
+        while batches.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        tracing::warn!(
+            "in-flight batches did not finish within the grace period; they will be redelivered"
+        );
+    }
+    Ok(())
+}
+
+/// Classifies, writes and acknowledges one chunk. Exposed so tests can drive a single step.
+pub async fn handle_batch(ctx: &Arc<Ctx>, msgs: Vec<jetstream::Message>) {
+    let items: Vec<Item> = msgs.iter().map(|m| classify(m, &ctx.limits)).collect();
+    let m = &ctx.metrics;
+    m.batch_size.observe(items.len() as f64);
+    m.in_flight_batches.inc();
+    let started = Instant::now();
+    let pool = ctx.pool.clone();
+    let batch = items.clone();
+    let result = db::detached(async move { persist::persist_batch(&pool, &batch).await }).await;
+    m.transaction_seconds
+        .observe(started.elapsed().as_secs_f64());
+    m.in_flight_batches.dec();
+    match result {
+        Ok(outcomes) => {
+            for (msg, outcome) in msgs.iter().zip(outcomes) {
+                settle(ctx, msg, outcome).await;
+            }
+        }
+        Err(e) if db::is_transient(&e) => {
+            tracing::warn!(error = %e, messages = msgs.len(), "transient database error; redelivering later");
+            for msg in &msgs {
+                nak(ctx, msg).await;
+            }
+        }
+        Err(e) => {
+            // Something validation did not foresee. Write one by one so that a single bad
+            // message cannot hold up the others.
+            tracing::warn!(error = %e, messages = msgs.len(), "batch failed; retrying one by one");
+            for (msg, item) in msgs.iter().zip(items) {
+                handle_one(ctx, msg, item).await;
+            }
+        }
+    }
+}
+
+async fn handle_one(ctx: &Arc<Ctx>, msg: &jetstream::Message, item: Item) {
+    let pool = ctx.pool.clone();
+    let one = vec![item.clone()];
+    let result = db::detached(async move { persist::persist_batch(&pool, &one).await }).await;
+    match result {
+        Ok(outcomes) => settle(ctx, msg, outcomes[0]).await,
+        Err(e) if db::is_transient(&e) => nak(ctx, msg).await,
+        Err(e) => {
+            tracing::error!(error = %e, message.key = %item.key, "message cannot be written; dead-lettering");
+            let raw = match &item.kind {
+                ItemKind::Task { raw, .. } | ItemKind::Poison { raw, .. } => raw.clone(),
+            };
+            let pool = ctx.pool.clone();
+            let reason = format!("the database refused the task: {}", db_reason(&e));
+            let r = db::detached(async move {
+                persist::dead_letter_one(&pool, &item, &raw, ErrorCode::TaskCreationFailed, reason)
+                    .await
+            })
+            .await;
+            match r {
+                Ok(()) => settle(ctx, msg, Outcome::DeadLettered).await,
+                Err(_) => nak(ctx, msg).await,
+            }
+        }
+    }
+}
+
+/// The database's own words for a permanent failure, without values from the row.
+fn db_reason(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(d) => format!(
+            "{} ({})",
+            d.constraint().unwrap_or("no constraint"),
+            d.code().as_deref().unwrap_or("no code")
+        ),
+        other => other.to_string(),
+    }
+}
+
+async fn settle(ctx: &Ctx, msg: &jetstream::Message, outcome: Outcome) {
+    let (kind, label) = match outcome {
+        Outcome::Persisted => (AckKind::Ack, "persisted"),
+        Outcome::Duplicate => (AckKind::Ack, "duplicate"),
+        // The dead letter is committed; only now remove the message.
+        Outcome::DeadLettered => (AckKind::Term, "dead_lettered"),
+    };
+    ctx.metrics.messages_total.with_label_values(&[label]).inc();
+    if let Err(e) = msg.ack_with(kind).await {
+        // Harmless: the message is redelivered and the ledger recognises it.
+        tracing::warn!(error = %e, "ack failed after commit");
+    }
+}
+
+async fn nak(ctx: &Ctx, msg: &jetstream::Message) {
+    ctx.metrics
+        .messages_total
+        .with_label_values(&["retried"])
+        .inc();
+    let delay = Duration::from_millis(ctx.settings.worker.nak_delay_ms);
+    // Always with a delay: a bare NAK redelivers at once.
+    if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
+        tracing::warn!(error = %e, "nak failed; the message will be redelivered after ack wait");
+    }
+}
+
+/// Decodes and validates one message. Never fails: what cannot succeed becomes `Poison`.
+pub fn classify(msg: &jetstream::Message, limits: &task::Limits) -> Item {
+    let header = |name: &str| {
+        msg.headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_owned())
+    };
+    let (stream, seq, deliveries, stored_at) = match msg.info() {
+        Ok(i) => (
+            i.stream.to_owned(),
+            i.stream_sequence,
+            i.delivered,
+            i.published,
+        ),
+        Err(_) => (String::new(), 0, 1, chrono::Utc::now()),
+    };
+    let raw = Raw {
+        subject: msg.subject.to_string(),
+        headers: headers_json(msg.headers.as_ref()),
+        payload: msg.payload.to_vec(),
+    };
+    let msg_id = header(headers::MSG_ID);
+    let decoded = envelope::decode(
+        header(headers::CONTENT_TYPE).as_deref(),
+        msg_id.as_deref(),
+        header(headers::PRODUCER).as_deref(),
+        (&stream, seq),
+        stored_at,
+        &msg.payload,
+    );
+    let fallback_key = || match &msg_id {
+        Some(id) if !id.is_empty() => format!("nats:{id}"),
+        _ => format!("seq:{stream}:{seq}"),
+    };
+    match decoded {
+        Err(e) => Item {
+            key: fallback_key(),
+            stream_seq: seq,
+            deliveries,
+            kind: ItemKind::Poison {
+                code: e.code(),
+                reason: e.to_string(),
+                raw,
+            },
+        },
+        Ok(inc) => match task::validate(&inc.request, limits, inc.accepted_at) {
+            Err(fields) => Item {
+                key: inc.key,
+                stream_seq: seq,
+                deliveries,
+                kind: ItemKind::Poison {
+                    code: ErrorCode::Validation,
+                    reason: fields
+                        .iter()
+                        .map(|f| format!("{}: {}", f.field, f.problem))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                    raw,
+                },
+            },
+            Ok(t) => Item {
+                kind: ItemKind::Task {
+                    task_id: envelope::task_id_for(&inc.key),
+                    fingerprint: envelope::request_fingerprint(&inc.request),
+                    task: t,
+                    principal: inc.principal,
+                    raw,
+                },
+                key: inc.key,
+                stream_seq: seq,
+                deliveries,
+            },
+        },
+    }
+}
+
+fn headers_json(h: Option<&async_nats::HeaderMap>) -> serde_json::Value {
+    let mut map = serde_json::Map::new();
+    if let Some(h) = h {
+        for (name, values) in h.iter() {
+            let vals: Vec<serde_json::Value> = values
+                .iter()
+                .map(|v| serde_json::Value::String(v.as_str().to_owned()))
+                .collect();
+            map.insert(name.to_string(), serde_json::Value::Array(vals));
+        }
+    }
+    serde_json::Value::Object(map)
+}

@@ -1,0 +1,104 @@
+//! # Mahavishnu workers
+//!
+//! Every replica shares one durable pull consumer. Per message: validate again (producers can
+//! bypass the gateway), write ledger row + task + audit row in one transaction, commit, and only
+//! then ack. Poison messages are dead-lettered, then terminated. Workers also answer the
+//! gateway's reads. On SIGTERM they stop pulling, finish what is in flight and exit.
+//!
+//! Effectively-once comes from the database ledger, not from JetStream: a redelivered message
+//! (after a crash, an expired ack wait or a lost ack) finds its key taken and is acked as a
+//! duplicate.
+
+pub mod audit;
+pub mod ingest;
+pub mod metrics;
+pub mod persist;
+pub mod reads;
+
+use anyhow::Context as _;
+use backon::{ExponentialBuilder, Retryable};
+use mahavishnu::config::Settings;
+use mahavishnu::task::Limits;
+use mahavishnu::{db, topology};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// What every part of a worker shares.
+#[derive(Debug)]
+pub struct Ctx {
+    /// Settings.
+    pub settings: Settings,
+    /// PostgreSQL pool.
+    pub pool: sqlx::PgPool,
+    /// NATS client.
+    pub nats: async_nats::Client,
+    /// Metrics.
+    pub metrics: metrics::Metrics,
+    /// Task field limits.
+    pub limits: Limits,
+}
+
+/// Runs a worker until `shutdown` is cancelled.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let pool = db::pool(&settings.database)?;
+    let nats = topology::connect(&settings.nats.url, "mhv-worker").await?;
+    let js = async_nats::jetstream::new(nats.clone());
+    let ctx = Arc::new(Ctx {
+        metrics: metrics::Metrics::new()?,
+        limits: Limits::default(),
+        settings,
+        pool,
+        nats,
+    });
+
+    let metrics_server = if ctx.settings.worker.metrics_listen.is_empty() {
+        None
+    } else {
+        Some(tokio::spawn(serve_metrics(ctx.clone(), shutdown.clone())))
+    };
+
+    // Whichever process starts first creates the stream and consumer; retry while NATS is down.
+    let ensure = || async { topology::ensure(&js, &ctx.settings.nats).await };
+    let consumer = tokio::select! {
+        c = ensure
+            .retry(ExponentialBuilder::default().with_max_delay(Duration::from_secs(5)).without_max_times())
+            .notify(|e, d| tracing::warn!(error = %format!("{e:#}"), retry_in_ms = d.as_millis() as u64, "JetStream not ready")) => c?,
+        () = shutdown.cancelled() => return Ok(()),
+    };
+
+    let reads = tokio::spawn(reads::serve(ctx.clone(), shutdown.clone()));
+    tracing::info!(consumer = %ctx.settings.nats.consumer.durable_name, "worker consuming");
+    let consumed = ingest::consume(ctx.clone(), consumer, shutdown.clone()).await;
+    shutdown.cancel();
+    if let Ok(Err(e)) = reads.await {
+        tracing::warn!(error = %format!("{e:#}"), "read service ended with an error");
+    }
+    // Acks are buffered publishes: flush them before the connection goes.
+    ctx.nats.flush().await.context("flushing acks")?;
+    if let Some(m) = metrics_server {
+        let _ = m.await;
+    }
+    ctx.pool.close().await;
+    tracing::info!("worker stopped");
+    consumed
+}
+
+async fn serve_metrics(ctx: Arc<Ctx>, shutdown: CancellationToken) {
+    use axum::routing::get;
+    let addr = ctx.settings.worker.metrics_listen.clone();
+    let listener = match tokio::net::TcpListener::bind(&addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, listen = %addr, "metrics endpoint disabled: cannot bind");
+            return;
+        }
+    };
+    let m = ctx.clone();
+    let app = axum::Router::new()
+        .route("/metrics", get(move || async move { m.metrics.render() }))
+        .route("/healthz", get(|| async { "ok" }));
+    let _ = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await;
+}
