@@ -1,5 +1,6 @@
 //! The `mhv` operator CLI. `main.rs` only parses and dispatches to these functions.
 
+pub mod bench;
 pub mod up;
 
 use crate::config::Settings;
@@ -29,6 +30,8 @@ pub enum Command {
     Up(up::UpArgs),
     /// Print the version.
     Version,
+    /// Measure JetStream, the gateway and the workers on this machine (see docs/benchmarks.md).
+    Bench(bench::BenchArgs),
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -101,6 +104,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Bench(args) => bench::run(load()?, args).await,
         Command::Up(args) => up::run(load()?, cli.config.as_deref(), args).await,
     }
 }

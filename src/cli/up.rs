@@ -53,6 +53,7 @@ pub async fn run(
     let nats_addr = host_port(&settings.nats.url, 4222)?;
     let _nats = if devstack::answers(&nats_addr) {
         eprintln!("using NATS at {}", settings.nats.url);
+        warn_if_old_nats(&settings.nats.url).await;
         None
     } else {
         let port = nats_addr
@@ -179,6 +180,23 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+/// Mahavishnu runs on nats-server 2.9, but the guarantees in docs/ARCHITECTURE.md assume 2.10+.
+async fn warn_if_old_nats(url: &str) {
+    if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(3), async_nats::connect(url)).await
+    {
+        let v = c.server_info().version;
+        let mut it = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+        if (major, minor) < devstack::nats::MIN_VERSION {
+            eprintln!(
+                "warning: nats-server {v} at {url} is older than {}.{}; fine for a demo, but use scripts/setup's pinned server (stop the old one, or set MHV_NATS__URL) for anything else",
+                devstack::nats::MIN_VERSION.0,
+                devstack::nats::MIN_VERSION.1
+            );
+        }
+    }
 }
 
 /// The demo job: create a task through the gateway and read it back with its audit row.

@@ -1,0 +1,432 @@
+//! `mhv bench`: measures, in one run on one machine, with everything co-located:
+//! (a) raw JetStream async-publish rate on the same nats-server;
+//! (b) authenticated `POST /v1/tasks` through the gateway at N concurrent connections —
+//!     throughput, p50/p99/p99.9 latency (HDR histogram), errors and gateway RSS;
+//! (c) the rate at which queued tasks become persisted-and-audited rows with two workers,
+//!     against a baseline of one message per transaction with the same SQL.
+//! It starts its own nats-server (random port, temporary store), bench database, gateway and
+//! workers, so it never touches a running stack. Figures are printed with the ratios and targets.
+
+use crate::config::{ApiKeySettings, LogFormat, Settings};
+use crate::devstack::{nats::NatsServer, postgres::TestDatabase};
+use crate::envelope::{self, Envelope};
+use crate::task::TaskRequest;
+use anyhow::{bail, Context as _};
+use async_nats::jetstream::{self, stream};
+use hdrhistogram::Histogram;
+use secrecy::SecretString;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Options of `mhv bench`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Messages for the raw JetStream publish measurement (a).
+    #[arg(long, default_value_t = 100_000)]
+    pub raw_messages: u64,
+    /// Concurrent HTTP connections for (b).
+    #[arg(long, default_value_t = 50)]
+    pub connections: usize,
+    /// Seconds of HTTP load for (b).
+    #[arg(long, default_value_t = 10)]
+    pub http_seconds: u64,
+    /// Messages for the one-per-transaction baseline of (c).
+    #[arg(long, default_value_t = 5_000)]
+    pub baseline_messages: u64,
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        super::super::devstack::postgres::terminate(&mut self.0, Duration::from_secs(20));
+    }
+}
+
+/// Runs the benchmark.
+pub async fn run(base: Settings, args: BenchArgs) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("mhv-bench-{}", uuid::Uuid::new_v4().simple()));
+    let nats = NatsServer::start(&dir.join("nats"), 0)?;
+    let db = TestDatabase::create()
+        .await
+        .context("creating the bench database")?;
+    let key = super::generate_key();
+    let mut settings = base;
+    settings.nats.url = nats.url();
+    settings.database.url = SecretString::from(db.url.clone());
+    settings.gateway.listen = format!("127.0.0.1:{}", crate::devstack::free_port()?);
+    settings.gateway.api_keys = vec![ApiKeySettings {
+        name: "bench".into(),
+        sha256: crate::config::hash_api_key(&key),
+    }];
+    settings.worker.metrics_listen = String::new();
+    settings.log.format = LogFormat::Json;
+    settings.log.filter = "warn".into();
+    settings.validate()?;
+    let config = dir.join("bench.toml");
+    std::fs::write(&config, toml::to_string(&settings)?)?;
+    let client = async_nats::connect(nats.url()).await?;
+    let js = jetstream::new(client.clone());
+    println!(
+        "mhv bench — nats-server {} at {}, PostgreSQL database {}",
+        server_version(&client),
+        nats.url(),
+        db.name
+    );
+    println!(
+        "machine: {} cores; everything co-located\n",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+
+    // (a) raw JetStream async publish, the same payload size as a gateway message.
+    let sample = sample_envelope()?;
+    let raw_rate = raw_publish(&js, args.raw_messages, &sample).await?;
+    println!("(a) raw JetStream async publish: {raw_rate:>10.0} msg/s  ({} msgs of {} bytes, file storage)", args.raw_messages, sample.len());
+
+    // (b) HTTP through the gateway. Workers are not running yet: the gateway's figures are its
+    // own, and what it accepts waits in JetStream for (c).
+    let spawn = |bin: &str| -> anyhow::Result<Proc> {
+        let exe = std::env::current_exe()?;
+        let path = exe
+            .parent()
+            .map(|p| p.join(bin))
+            .filter(|p| p.is_file())
+            .with_context(|| {
+                format!("{bin} must be built beside mhv (cargo build --release --workspace)")
+            })?;
+        Ok(Proc(
+            Command::new(path)
+                .arg("--config")
+                .arg(&config)
+                .env("MHV_DATABASE__URL", &db.url)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        ))
+    };
+    let gateway = spawn("mhv-gateway")?;
+    let base_url = format!("http://{}", settings.gateway.listen);
+    wait_ready(&base_url).await?;
+    let http = http_load(
+        &settings.gateway.listen,
+        &key,
+        args.connections,
+        Duration::from_secs(args.http_seconds),
+        gateway.0.id(),
+    )
+    .await?;
+    let ratio_b = http.rate / raw_rate;
+    println!(
+        "(b) POST /v1/tasks, {} connections: {:>10.0} req/s  p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  errors {}  ({} requests)",
+        args.connections, http.rate, http.p50_ms, http.p99_ms, http.p999_ms, http.errors, http.ok + http.errors
+    );
+    println!(
+        "    gateway RSS: {:.1} MiB at the end, {:.1} MiB peak",
+        http.rss_mib, http.rss_peak_mib
+    );
+    drop(gateway);
+
+    // (c) end to end: two workers drain what (b) accepted; timed from the first persisted row
+    // seen to the last.
+    let pool = sqlx::PgPool::connect(&db.url).await?;
+    let want = i64::try_from(http.ok)?;
+    let workers = vec![spawn("mhv-worker")?, spawn("mhv-worker")?];
+    let e2e_secs = time_drain(&pool, want, Duration::from_secs(600)).await?;
+    let audited: i64 = sqlx::query_scalar("SELECT count(*) FROM task_audit_log")
+        .fetch_one(&pool)
+        .await?;
+    drop(workers);
+    let e2e_rate = want as f64 / e2e_secs;
+    println!("(c) end to end, 2 workers:     {e2e_rate:>10.0} tasks/s persisted and audited ({want} tasks, {audited} audit rows)");
+
+    // Baseline for (c): one message per transaction, same SQL, same concurrency as the workers.
+    let conc = 2 * settings.worker.max_in_flight_batches;
+    let single = one_per_transaction(&db.url, args.baseline_messages, conc).await?;
+    println!("    baseline, 1 message per transaction, {conc} connections: {single:>10.0} tasks/s");
+    let ratio_c = e2e_rate / single;
+
+    println!("\nratios and targets");
+    println!(
+        "  (b)/(a) = {:.1}%   target >= 30%     {}",
+        ratio_b * 100.0,
+        verdict(ratio_b >= 0.30)
+    );
+    println!(
+        "  (b) p99 = {:.2} ms  target <= 10 ms   {}",
+        http.p99_ms,
+        verdict(http.p99_ms <= 10.0)
+    );
+    println!(
+        "  (c)/baseline = {ratio_c:.2}x  target >= 2x    {}",
+        verdict(ratio_c >= 2.0)
+    );
+    println!(
+        "  gateway RSS peak = {:.1} MiB  target <= 64 MiB  {}",
+        http.rss_peak_mib,
+        verdict(http.rss_peak_mib <= 64.0)
+    );
+    pool.close().await;
+    drop(nats);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
+
+fn server_version(c: &async_nats::Client) -> String {
+    c.server_info().version
+}
+
+fn sample_envelope() -> anyhow::Result<Vec<u8>> {
+    Ok(envelope::encode_envelope(&Envelope {
+        v: 1,
+        principal: "bench".into(),
+        accepted_at: chrono::Utc::now(),
+        request: TaskRequest {
+            title: Some("Benchmark task".into()),
+            repository: Some("bench".into()),
+            description: Some(
+                "A task created by mhv bench; its text is redacted in the audit log.".into(),
+            ),
+            priority: Some("high".into()),
+            ..Default::default()
+        },
+    })?)
+}
+
+async fn raw_publish(js: &jetstream::Context, n: u64, payload: &[u8]) -> anyhow::Result<f64> {
+    let name = "MHV_BENCH_RAW";
+    let _ = js.delete_stream(name).await;
+    js.create_stream(stream::Config {
+        name: name.into(),
+        subjects: vec!["mhv.bench.raw".into()],
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await?;
+    let payload = bytes::Bytes::copy_from_slice(payload);
+    let start = Instant::now();
+    let mut acks = Vec::with_capacity(4096);
+    for _ in 0..n {
+        acks.push(js.publish("mhv.bench.raw", payload.clone()).await?);
+        if acks.len() >= 4096 {
+            for a in acks.drain(..) {
+                a.await?;
+            }
+        }
+    }
+    for a in acks {
+        a.await?;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    js.delete_stream(name).await?;
+    Ok(rate)
+}
+
+struct HttpResult {
+    rate: f64,
+    ok: u64,
+    errors: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    rss_mib: f64,
+    rss_peak_mib: f64,
+}
+
+/// `connections` HTTP/1.1 keep-alive connections, each sending requests back to back for
+/// `duration`. A bare hyper client keeps the load generator's own CPU use low: it shares the two
+/// cores with everything it measures.
+async fn http_load(
+    addr: &str,
+    key: &str,
+    connections: usize,
+    duration: Duration,
+    gateway_pid: u32,
+) -> anyhow::Result<HttpResult> {
+    use http_body_util::Full;
+    let body = bytes::Bytes::from(serde_json::to_vec(&serde_json::json!({
+        "title": "Benchmark task", "repository": "bench", "priority": "high",
+        "description": "A task created by mhv bench; its text is redacted in the audit log."
+    }))?);
+    let auth = format!("Bearer {key}");
+    let deadline = Instant::now() + duration;
+    let start = Instant::now();
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampler = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                let (rss, _) = rss_of(gateway_pid);
+                if rss.is_finite() {
+                    peak.fetch_max((rss * 1024.0) as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let mut handles = Vec::new();
+    for _ in 0..connections {
+        let (addr, auth, body) = (addr.to_owned(), auth.clone(), body.clone());
+        handles.push(tokio::spawn(async move {
+            let stream = tokio::net::TcpStream::connect(&addr).await?;
+            stream.set_nodelay(true)?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (mut ok, mut errors) = (0u64, 0u64);
+            while Instant::now() < deadline {
+                let req = hyper::Request::post("/v1/tasks")
+                    .header("host", addr.as_str())
+                    .header("authorization", auth.as_str())
+                    .header("content-type", "application/json")
+                    .body(Full::new(body.clone()))?;
+                let t = Instant::now();
+                sender.ready().await?;
+                let resp = sender.send_request(req).await?;
+                let status = resp.status().as_u16();
+                http_body_util::BodyExt::collect(resp.into_body()).await?;
+                let us = u64::try_from(t.elapsed().as_micros())
+                    .unwrap_or(u64::MAX)
+                    .max(1);
+                if status == 202 {
+                    ok += 1;
+                    let _ = hist.record(us);
+                } else {
+                    errors += 1;
+                }
+            }
+            anyhow::Ok((hist, ok, errors))
+        }));
+    }
+    let mut hist =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (mut ok, mut errors) = (0, 0);
+    for h in handles {
+        let (hh, o, e) = h.await??;
+        hist.add(hh).map_err(|e| anyhow::anyhow!("{e}"))?;
+        ok += o;
+        errors += e;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    sampler.abort();
+    let (rss, hwm) = rss_of(gateway_pid);
+    let sampled = peak.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1024.0;
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    Ok(HttpResult {
+        rate: ok as f64 / elapsed,
+        ok,
+        errors,
+        p50_ms: ms(0.5),
+        p99_ms: ms(0.99),
+        p999_ms: ms(0.999),
+        rss_mib: rss,
+        rss_peak_mib: hwm.max(sampled),
+    })
+}
+
+/// (VmRSS, VmHWM) of a process in MiB, from /proc.
+fn rss_of(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("status"))
+        .unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|kib| kib / 1024.0)
+            .unwrap_or(f64::NAN)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+async fn wait_ready(base: &str) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        if let Ok(r) = reqwest::get(format!("{base}/readyz")).await {
+            if r.status().is_success() {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("gateway not ready within 30 s")
+}
+
+/// Seconds from the first persisted task seen to the `want`-th.
+async fn time_drain(pool: &sqlx::PgPool, want: i64, timeout: Duration) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let mut first: Option<Instant> = None;
+    loop {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
+            .fetch_one(pool)
+            .await?;
+        if n > 0 && first.is_none() {
+            first = Some(Instant::now());
+        }
+        if n >= want {
+            return Ok(first.map_or(0.0, |f| f.elapsed().as_secs_f64()).max(1e-3));
+        }
+        if start.elapsed() > timeout {
+            bail!("only {n} of {want} tasks persisted within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The same three writes a worker makes per message (ledger, task, audit), one message per
+/// transaction, `concurrency` connections.
+async fn one_per_transaction(url: &str, n: u64, concurrency: usize) -> anyhow::Result<f64> {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(u32::try_from(concurrency)?)
+        .connect(url)
+        .await?;
+    sqlx::query("TRUNCATE tasks, task_audit_log, inbox CASCADE")
+        .execute(&pool)
+        .await?;
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for _ in 0..concurrency {
+        let (pool, next) = (pool.clone(), next.clone());
+        handles.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    return anyhow::Ok(());
+                }
+                let key = format!("api:bench:single-{i}");
+                let id = envelope::task_id_for(&key);
+                let mut tx = pool.begin().await?;
+                sqlx::query("INSERT INTO inbox (message_key, fingerprint, task_id, outcome) VALUES ($1, $2, $3, 'persisted') ON CONFLICT DO NOTHING")
+                    .bind(&key).bind(vec![0u8; 32]).bind(id).execute(&mut *tx).await?;
+                sqlx::query("INSERT INTO tasks (id, title, description, repository, priority, created_by, submitted_by, message_key, status) VALUES ($1, $2, $3, 'bench', 'high', $4, 'bench', $5, 'queued')")
+                    .bind(id).bind(format!("Benchmark task {i}")).bind("A task created by mhv bench.").bind(crate::db::SYSTEM_USER_ID).bind(&key)
+                    .execute(&mut *tx).await?;
+                sqlx::query("INSERT INTO task_audit_log (task_id, event, actor, details) VALUES ($1, 'task_created', 'bench', $2)")
+                    .bind(id).bind(serde_json::json!({"title": "Benchmark task", "description": "[REDACTED (28 characters)]"}))
+                    .execute(&mut *tx).await?;
+                tx.commit().await?;
+            }
+        }));
+    }
+    for h in handles {
+        h.await??;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    pool.close().await;
+    Ok(rate)
+}
