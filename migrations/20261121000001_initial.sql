@@ -58,8 +58,7 @@ CREATE INDEX task_audit_log_task_idx ON task_audit_log (task_id, id);
 CREATE TABLE inbox (
     message_key  text PRIMARY KEY CHECK (length(message_key) BETWEEN 1 AND 600),
     fingerprint  bytea NOT NULL CHECK (length(fingerprint) = 32),
-    task_id      uuid,
-    outcome      text NOT NULL CHECK (outcome IN ('persisted', 'dead_lettered')),
+    task_id      uuid NOT NULL,
     stream_seq   bigint,
     processed_at timestamptz NOT NULL DEFAULT now()
 );

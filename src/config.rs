@@ -97,7 +97,10 @@ pub struct ConsumerSettings {
     pub durable_name: String,
     /// How long a delivery may stay unacknowledged before JetStream redelivers it.
     pub ack_wait_secs: u64,
-    /// Deliveries before JetStream gives up on a message.
+    /// Deliveries before JetStream gives up on a message; -1 (the default) never gives up.
+    /// Persisting an accepted task must outlast any database outage: messages that can never
+    /// succeed are dead-lettered and terminated by the workers themselves, so only passing
+    /// failures are ever redelivered.
     pub max_deliver: i64,
     /// Redelivery delays after an ack-wait expiry (JetStream `BackOff`); empty means `ack_wait`.
     pub backoff_secs: Vec<u64>,
@@ -110,7 +113,7 @@ impl Default for ConsumerSettings {
         Self {
             durable_name: "mhv-workers".into(),
             ack_wait_secs: 30,
-            max_deliver: 10,
+            max_deliver: -1,
             backoff_secs: vec![30, 60, 120, 300],
             max_ack_pending: 20_000,
         }
@@ -207,8 +210,11 @@ pub struct WorkerSettings {
     pub batch_size: usize,
     /// Transactions in flight at once per worker process.
     pub max_in_flight_batches: usize,
-    /// Delay before a message that failed for a passing reason is redelivered.
+    /// Delay before the first redelivery of a message that failed for a passing reason; later
+    /// ones back off exponentially, with jitter, up to `nak_max_delay_ms`.
     pub nak_delay_ms: u64,
+    /// Longest redelivery delay.
+    pub nak_max_delay_ms: u64,
     /// Address of the worker's `/metrics` and `/healthz` endpoint; empty disables it.
     pub metrics_listen: String,
     /// On SIGTERM, how long in-flight work may take before the worker exits anyway (unacked
@@ -222,6 +228,7 @@ impl Default for WorkerSettings {
             batch_size: 128,
             max_in_flight_batches: 4,
             nak_delay_ms: 1_000,
+            nak_max_delay_ms: 60_000,
             metrics_listen: "127.0.0.1:9091".into(),
             shutdown_grace_secs: 25,
         }
@@ -294,6 +301,15 @@ impl Settings {
                 "nats.publish_ack_timeout_ms and nats.request_timeout_ms must be > 0".into(),
             );
         }
+        if n.url
+            .split(',')
+            .any(|u| u.trim().parse::<async_nats::ServerAddr>().is_err())
+        {
+            return err(format!(
+                "nats.url {:?} must be a comma-separated list of NATS URLs",
+                n.url
+            ));
+        }
         if !crate::task::validate::is_valid_repository(&n.stream.name, 64) {
             return err(format!(
                 "nats.stream.name {:?} must match ^[A-Za-z0-9_-]{{1,64}}$",
@@ -306,6 +322,14 @@ impl Settings {
         if n.stream.max_message_bytes < 1024 {
             return err("nats.stream.max_message_bytes must be at least 1024".into());
         }
+        if n.stream.max_bytes != -1 && n.stream.max_bytes < i64::from(n.stream.max_message_bytes) {
+            return err(
+                "nats.stream.max_bytes must be -1 (unlimited) or at least max_message_bytes".into(),
+            );
+        }
+        if !(1..=5).contains(&n.stream.replicas) {
+            return err("nats.stream.replicas must be within 1..=5".into());
+        }
         let c = &n.consumer;
         if !crate::task::validate::is_valid_repository(&c.durable_name, 64) {
             return err("nats.consumer.durable_name must match ^[A-Za-z0-9_-]{1,64}$".into());
@@ -313,10 +337,12 @@ impl Settings {
         if c.ack_wait_secs == 0 {
             return err("nats.consumer.ack_wait_secs must be > 0".into());
         }
-        if c.max_deliver < 2 {
-            return err("nats.consumer.max_deliver must be at least 2".into());
+        if c.max_deliver != -1 && c.max_deliver < 2 {
+            return err(
+                "nats.consumer.max_deliver must be -1 (never give up) or at least 2".into(),
+            );
         }
-        if c.backoff_secs.len() as i64 > c.max_deliver {
+        if c.max_deliver != -1 && c.backoff_secs.len() as i64 > c.max_deliver {
             return err(format!(
                 "nats.consumer.backoff_secs has {} entries; at most max_deliver ({})",
                 c.backoff_secs.len(),
@@ -343,12 +369,15 @@ impl Settings {
         if w.max_in_flight_batches == 0 {
             return err("worker.max_in_flight_batches must be > 0".into());
         }
+        if w.nak_delay_ms == 0 || w.nak_max_delay_ms < w.nak_delay_ms {
+            return err("worker.nak_delay_ms must be > 0 and at most worker.nak_max_delay_ms (a NAK without delay redelivers at once)".into());
+        }
         if w.shutdown_grace_secs >= c.ack_wait_secs * 10 {
             // Not fatal in itself, but a sign of a misread unit.
             return err("worker.shutdown_grace_secs is implausibly large (≥ 10 × ack_wait)".into());
         }
         // A batch's transaction must be able to finish before its messages are redelivered.
-        if d.statement_timeout_ms / 1000 >= c.ack_wait_secs {
+        if d.statement_timeout_ms >= c.ack_wait_secs * 1000 {
             return err(format!(
                 "database.statement_timeout_ms ({}) must be shorter than nats.consumer.ack_wait_secs ({} s)",
                 d.statement_timeout_ms, c.ack_wait_secs
@@ -375,6 +404,14 @@ impl Settings {
         }
         if g.header_read_timeout_ms == 0 || g.request_timeout_ms == 0 {
             return err("gateway timeouts must be > 0".into());
+        }
+        if n.publish_ack_timeout_ms >= g.request_timeout_ms
+            || n.request_timeout_ms >= g.request_timeout_ms
+        {
+            return err(format!(
+                "nats.publish_ack_timeout_ms ({}) and nats.request_timeout_ms ({}) must be shorter than gateway.request_timeout_ms ({}), so a slow broker is reported as such",
+                n.publish_ack_timeout_ms, n.request_timeout_ms, g.request_timeout_ms
+            ));
         }
         if g.max_in_flight_requests == 0 {
             return err("gateway.max_in_flight_requests must be > 0".into());

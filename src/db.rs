@@ -79,30 +79,38 @@ where
 {
     match tokio::spawn(work).await {
         Ok(r) => r,
-        Err(e) => Err(sqlx::Error::WorkerCrashed).inspect_err(|_| {
-            tracing::error!(error = %e, "database task panicked or was aborted");
-        }),
+        // A panic will happen again on redelivery: report it as a permanent error so the
+        // message is dead-lettered instead of retried forever.
+        Err(e) if e.is_panic() => {
+            tracing::error!(error = %e, "database task panicked");
+            Err(sqlx::Error::Protocol("database task panicked".into()))
+        }
+        // Aborted: the runtime is shutting down; the message is redelivered later.
+        Err(_) => Err(sqlx::Error::WorkerCrashed),
     }
 }
 
-/// True for errors worth retrying: connection loss, pool timeout, serialization failure,
-/// deadlock, lock or statement timeout, server shutting down.
+/// True for errors worth retrying: everything except failures the *message's data* caused.
+///
+/// A message may be dead-lettered only when retrying it can never succeed, so the test is
+/// inverted: permanent are data exceptions (SQLSTATE class 22, e.g. a string too long) and
+/// integrity violations (class 23, e.g. a check constraint), plus decoding failures and panics
+/// in our own code. Everything else — lost connections, pool timeouts, a database refusing
+/// connections (55000), operator intervention (57xxx), lack of resources (53xxx), statement
+/// timeouts, deadlocks, serialization failures — is the infrastructure's and passes.
 pub fn is_transient(e: &sqlx::Error) -> bool {
     match e {
-        sqlx::Error::Io(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed
-        | sqlx::Error::Tls(_) => true,
-        sqlx::Error::Database(db) => {
-            matches!(
-                db.code().as_deref(),
-                // serialization_failure, deadlock_detected, lock_not_available, query_canceled
-                // (statement_timeout), admin_shutdown, crash_shutdown, cannot_connect_now,
-                // too_many_connections, connection exceptions (08xxx)
-                Some("40001" | "40P01" | "55P03" | "57014" | "57P01" | "57P02" | "57P03" | "53300")
-            ) || db.code().is_some_and(|c| c.starts_with("08"))
-        }
-        _ => false,
+        sqlx::Error::Database(db) => !db
+            .code()
+            .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
+        sqlx::Error::Encode(_)
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::TypeNotFound { .. }
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnIndexOutOfBounds { .. }
+        // `detached` reports a panic as a protocol error.
+        | sqlx::Error::Protocol(_) => false,
+        _ => true,
     }
 }

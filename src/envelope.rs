@@ -1,9 +1,10 @@
 //! What travels on the task subject, and how a message's identity is derived.
 //!
-//! - Between our processes the body is an [`Envelope`] in MessagePack
-//!   (`Content-Type: application/vnd.mahavishnu.envelope+msgpack`).
+//! - The gateway publishes an [`Envelope`] in MessagePack
+//!   (`Content-Type: application/vnd.mahavishnu.envelope+msgpack`) on `mhv.tasks.submit`.
 //! - Outside producers publish a bare [`TaskRequest`] as JSON (`application/json`, the default)
-//!   or MessagePack (`application/msgpack`). See docs/producers.md.
+//!   or MessagePack (`application/msgpack`) on `mhv.tasks.create`, where envelopes are refused.
+//!   See docs/producers.md.
 //!
 //! Identity: every message has a *ledger key*, from which the task id is derived
 //! (`task_id = UUIDv5(namespace, key)`). The gateway computes the same id before publishing, so
@@ -11,7 +12,7 @@
 //! The ledger key is unique in PostgreSQL; that, not JetStream's short dedup window, is what
 //! makes a message take effect once.
 
-use crate::task::TaskRequest;
+use crate::task::{NewTask, TaskRequest};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -82,13 +83,18 @@ pub enum DecodeError {
     /// The envelope has a version we do not understand.
     #[error("unsupported envelope version {0}")]
     Version(u8),
+    /// An envelope on the producers' subject, or a bare task on the gateway's.
+    #[error("{0}")]
+    WrongSubject(&'static str),
 }
 
 impl DecodeError {
     /// The catalog code for this failure.
     pub fn code(&self) -> crate::error::ErrorCode {
         match self {
-            Self::UnsupportedMediaType(_) => crate::error::ErrorCode::UnsupportedMediaType,
+            Self::UnsupportedMediaType(_) | Self::WrongSubject(_) => {
+                crate::error::ErrorCode::UnsupportedMediaType
+            }
             Self::Malformed { .. } | Self::Version(_) => crate::error::ErrorCode::MalformedBody,
         }
     }
@@ -104,10 +110,11 @@ pub fn task_id_for(key: &str) -> Uuid {
     Uuid::new_v5(&TASK_ID_NAMESPACE, key.as_bytes())
 }
 
-/// SHA-256 of the canonical encoding of a request, to tell a true retry from a reused key.
-/// Canonical: MessagePack of the typed request; JSON objects in metadata are key-sorted.
-pub fn request_fingerprint(req: &TaskRequest) -> [u8; 32] {
-    let bytes = rmp_serde::to_vec_named(req).unwrap_or_default();
+/// SHA-256 of the canonical form of a validated task, to tell a true retry from a reused key.
+/// Canonical: MessagePack of the validated task (title sanitised, priority normalised, deadline
+/// parsed, metadata keys sorted), so `"HIGH"` and `"high"` are the same request.
+pub fn fingerprint(task: &NewTask) -> [u8; 32] {
+    let bytes = rmp_serde::to_vec_named(task).unwrap_or_default();
     Sha256::digest(&bytes).into()
 }
 
@@ -116,14 +123,16 @@ pub fn encode_envelope(env: &Envelope) -> Result<Vec<u8>, rmp_serde::encode::Err
     rmp_serde::to_vec_named(env)
 }
 
-/// Decodes a message from the task subject.
+/// Decodes a message from one of the task subjects.
 ///
+/// - `subject`: where it was published; envelopes are accepted only on `mhv.tasks.submit`.
 /// - `content_type`: the `Content-Type` header, if any.
 /// - `msg_id`: the `Nats-Msg-Id` header, if any.
 /// - `producer`: the `Mhv-Producer` header, if any.
 /// - `stream_ref`: `(stream, sequence)` of the message, the key of last resort.
 /// - `stored_at`: when JetStream stored it.
 pub fn decode(
+    subject: &str,
     content_type: Option<&str>,
     msg_id: Option<&str>,
     producer: Option<&str>,
@@ -148,6 +157,14 @@ pub fn decode(
         Some(p) => format!("nats:{}", p.chars().take(64).collect::<String>()),
         None => "nats".to_owned(),
     };
+    let on_submit = subject == crate::topology::SUBJECT_TASKS_SUBMIT;
+    if on_submit != (media == CONTENT_TYPE_ENVELOPE) {
+        return Err(DecodeError::WrongSubject(if on_submit {
+            "mhv.tasks.submit accepts only the gateway's envelope; producers publish to mhv.tasks.create"
+        } else {
+            "the envelope media type is accepted only on mhv.tasks.submit; send application/json or application/msgpack"
+        }));
+    }
     match media.as_str() {
         CONTENT_TYPE_ENVELOPE => {
             let env: Envelope =
@@ -204,6 +221,7 @@ pub fn decode(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::topology::{SUBJECT_TASKS_CREATE as CREATE, SUBJECT_TASKS_SUBMIT as SUBMIT};
     use proptest::prelude::*;
 
     fn req() -> TaskRequest {
@@ -225,6 +243,7 @@ mod tests {
         let bytes = encode_envelope(&env).unwrap();
         let key = api_key_for("ci", "k1");
         let inc = decode(
+            SUBMIT,
             Some(CONTENT_TYPE_ENVELOPE),
             Some(&key),
             None,
@@ -242,11 +261,21 @@ mod tests {
     #[test]
     fn external_producers_are_scoped_and_fall_back_to_stream_position() {
         let json = serde_json::to_vec(&req()).unwrap();
-        let a = decode(None, Some("x"), Some("etl"), ("S", 1), Utc::now(), &json).unwrap();
+        let a = decode(
+            CREATE,
+            None,
+            Some("x"),
+            Some("etl"),
+            ("S", 1),
+            Utc::now(),
+            &json,
+        )
+        .unwrap();
         assert_eq!(a.key, "nats:x");
         assert_eq!(a.principal, "nats:etl");
         let mp = rmp_serde::to_vec_named(&req()).unwrap();
         let b = decode(
+            CREATE,
             Some("application/msgpack"),
             None,
             None,
@@ -257,40 +286,102 @@ mod tests {
         .unwrap();
         assert_eq!(b.key, "seq:S:7");
         // An outside producer cannot claim a gateway key.
-        let c = decode(None, Some("api:ci:k1"), None, ("S", 1), Utc::now(), &json).unwrap();
+        let c = decode(
+            CREATE,
+            None,
+            Some("api:ci:k1"),
+            None,
+            ("S", 1),
+            Utc::now(),
+            &json,
+        )
+        .unwrap();
         assert_eq!(c.key, "nats:api:ci:k1");
     }
 
     #[test]
     fn bad_bodies_are_typed_errors() {
         assert!(matches!(
-            decode(Some("text/plain"), None, None, ("S", 1), Utc::now(), b"x"),
+            decode(
+                CREATE,
+                Some("text/plain"),
+                None,
+                None,
+                ("S", 1),
+                Utc::now(),
+                b"x"
+            ),
             Err(DecodeError::UnsupportedMediaType(_))
         ));
         assert!(matches!(
-            decode(None, None, None, ("S", 1), Utc::now(), b"{"),
+            decode(CREATE, None, None, None, ("S", 1), Utc::now(), b"{"),
             Err(DecodeError::Malformed { kind: "json", .. })
         ));
         assert!(matches!(
-            decode(None, None, None, ("S", 1), Utc::now(), br#"{"titel":"x"}"#),
+            decode(
+                CREATE,
+                None,
+                None,
+                None,
+                ("S", 1),
+                Utc::now(),
+                br#"{"titel":"x"}"#
+            ),
             Err(DecodeError::Malformed { .. })
         ));
     }
 
     #[test]
-    fn fingerprint_tells_bodies_apart() {
+    fn fingerprint_is_over_the_validated_task() {
+        let limits = crate::task::Limits::default();
+        let v = |r: &TaskRequest| crate::task::validate(r, &limits, Utc::now()).unwrap();
+        let mut upper = req();
+        upper.priority = Some("MEDIUM".into());
+        assert_eq!(
+            fingerprint(&v(&req())),
+            fingerprint(&v(&upper)),
+            "same request, other spelling"
+        );
         let mut other = req();
         other.title = Some("u".into());
-        assert_eq!(request_fingerprint(&req()), request_fingerprint(&req()));
-        assert_ne!(request_fingerprint(&req()), request_fingerprint(&other));
+        assert_ne!(fingerprint(&v(&req())), fingerprint(&v(&other)));
+    }
+
+    #[test]
+    fn envelopes_only_on_submit_and_bare_tasks_only_on_create() {
+        let env = encode_envelope(&Envelope {
+            v: 1,
+            principal: "x".into(),
+            accepted_at: Utc::now(),
+            request: req(),
+        })
+        .unwrap();
+        let forged = decode(
+            CREATE,
+            Some(CONTENT_TYPE_ENVELOPE),
+            Some("api:admin:1"),
+            None,
+            ("S", 1),
+            Utc::now(),
+            &env,
+        );
+        assert!(
+            matches!(forged, Err(DecodeError::WrongSubject(_))),
+            "a producer cannot claim a principal"
+        );
+        let json = serde_json::to_vec(&req()).unwrap();
+        assert!(matches!(
+            decode(SUBMIT, None, None, None, ("S", 1), Utc::now(), &json),
+            Err(DecodeError::WrongSubject(_))
+        ));
     }
 
     proptest! {
         #[test]
         fn decode_never_panics(ct in proptest::option::of("[a-z/+.;= -]{0,40}"), body in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let _ = decode(ct.as_deref(), None, None, ("S", 1), Utc::now(), &body);
-            let _ = decode(Some(CONTENT_TYPE_ENVELOPE), Some("api:a:b"), None, ("S", 1), Utc::now(), &body);
-            let _ = decode(Some(CONTENT_TYPE_MSGPACK), None, None, ("S", 1), Utc::now(), &body);
+            let _ = decode(CREATE, ct.as_deref(), None, None, ("S", 1), Utc::now(), &body);
+            let _ = decode(SUBMIT, Some(CONTENT_TYPE_ENVELOPE), Some("api:a:b"), None, ("S", 1), Utc::now(), &body);
+            let _ = decode(CREATE, Some(CONTENT_TYPE_MSGPACK), None, None, ("S", 1), Utc::now(), &body);
         }
     }
 }

@@ -8,8 +8,12 @@ use crate::config::NatsSettings;
 use async_nats::jetstream::{self, consumer, stream};
 use std::time::Duration;
 
-/// Subject for task creation (gateway and direct producers).
+/// Subject for direct producers: a bare task as JSON or MessagePack.
 pub const SUBJECT_TASKS_CREATE: &str = "mhv.tasks.create";
+/// Subject for the gateway's envelopes. Separate from [`SUBJECT_TASKS_CREATE`] so that NATS
+/// permissions can let only the gateway publish here: the envelope names the principal, and
+/// whoever can publish an envelope can claim any principal.
+pub const SUBJECT_TASKS_SUBMIT: &str = "mhv.tasks.submit";
 /// Subjects the task stream captures. Later subjects (`mhv.tasks.execute`, webhooks) fit here.
 pub const STREAM_SUBJECTS: &str = "mhv.tasks.>";
 /// Name of the NATS service (micro) the workers expose for reads.
@@ -46,7 +50,7 @@ pub fn consumer_config(n: &NatsSettings) -> consumer::pull::Config {
     consumer::pull::Config {
         durable_name: Some(c.durable_name.clone()),
         description: Some("Mahavishnu workers: persist and audit tasks".into()),
-        filter_subject: SUBJECT_TASKS_CREATE.into(),
+        filter_subjects: vec![SUBJECT_TASKS_CREATE.into(), SUBJECT_TASKS_SUBMIT.into()],
         ack_policy: consumer::AckPolicy::Explicit,
         deliver_policy: consumer::DeliverPolicy::All,
         ack_wait: Duration::from_secs(c.ack_wait_secs),
@@ -81,12 +85,17 @@ pub async fn ensure(
 /// initial connect and unlimited reconnects.
 pub async fn connect(url: &str, name: &str) -> anyhow::Result<async_nats::Client> {
     use anyhow::Context as _;
+    let addrs = url
+        .split(',')
+        .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("nats.url {url:?} is not a comma-separated list of NATS URLs"))?;
     async_nats::ConnectOptions::new()
         .name(name)
         .retry_on_initial_connect()
         .connection_timeout(Duration::from_secs(3))
         .max_reconnects(None)
-        .connect(url)
+        .connect(addrs)
         .await
         .with_context(|| format!("connecting to NATS at {url}"))
 }

@@ -96,6 +96,27 @@ async fn bad_requests_get_a_code_and_recovery_and_queue_nothing() {
     .await;
     assert_eq!(s, 401);
 
+    // Authentication comes before the body is read: a huge unauthenticated body gets 401.
+    let (s, e) = error_of(
+        http.post(format!("{base}/v1/tasks"))
+            .body(vec![b'x'; 100_000])
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((s, e["code"].as_str().unwrap()), (401, "MHV-004"));
+    // Wrong method: still an error body with a code.
+    let (s, e) = error_of(
+        http.delete(format!("{base}/v1/tasks"))
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((s, e["code"].as_str().unwrap()), (405, "MHV-003"));
+
     // Malformed JSON, unknown field, wrong media type.
     let post_raw = |ct: &'static str, body: &'static str| {
         http.post(format!("{base}/v1/tasks"))

@@ -50,6 +50,25 @@ async fn json_and_msgpack_are_persisted_and_poison_is_dead_lettered_without_bloc
     )
     .await;
     publish(&js, "bad-type", Some("text/csv"), b"a,b".to_vec()).await;
+    // A producer cannot pass itself off as the gateway: envelopes are refused on this subject.
+    let forged = mahavishnu::envelope::encode_envelope(&mahavishnu::envelope::Envelope {
+        v: 1,
+        principal: "admin".into(),
+        accepted_at: chrono::Utc::now(),
+        request: mahavishnu::task::TaskRequest {
+            title: Some("forged".into()),
+            repository: Some("r".into()),
+            ..Default::default()
+        },
+    })
+    .unwrap();
+    publish(
+        &js,
+        "api:admin:forged",
+        Some(mahavishnu::envelope::CONTENT_TYPE_ENVELOPE),
+        forged,
+    )
+    .await;
     publish(
         &js,
         "good-json",
@@ -74,11 +93,11 @@ async fn json_and_msgpack_are_persisted_and_poison_is_dead_lettered_without_bloc
     let d = stack
         .wait_count(
             "SELECT count(*) FROM dead_letters",
-            4,
+            5,
             Duration::from_secs(5),
         )
         .await;
-    assert_eq!(d, 4);
+    assert_eq!(d, 5);
 
     let rows: Vec<(String, String, Vec<String>)> =
         sqlx::query_as("SELECT title, priority, tags FROM tasks ORDER BY title")
@@ -120,6 +139,10 @@ async fn json_and_msgpack_are_persisted_and_poison_is_dead_lettered_without_bloc
         "raw bytes kept verbatim"
     );
     assert_eq!(by_key("nats:bad-type").1, "MHV-010");
+    assert_eq!(by_key("nats:api:admin:forged").1, "MHV-010");
+    assert!(by_key("nats:api:admin:forged")
+        .2
+        .contains("mhv.tasks.submit"));
 
     // Terminated, not retried: the stream holds nothing and nothing is pending.
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -1,5 +1,7 @@
 //! The one error type handlers return. It maps to a response with an `MHV-xxx` code, a message
-//! and recovery steps; internal causes are logged here, once, and never sent.
+//! and recovery steps. Internal causes are logged where they are handled (the handler that saw
+//! the broker or decode error) and never sent; server-side errors (5xx) are also logged here,
+//! once, with their code, so every 5xx a client saw has a log line.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -64,6 +66,9 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::warn!(code = %self.body.code, status = self.status.as_u16(), message = %self.body.message, "answered with a server error");
+        }
         let mut resp = (self.status, Json(*self.body)).into_response();
         if let Some(s) = self.retry_after_secs {
             resp.headers_mut()

@@ -411,7 +411,7 @@ async fn one_per_transaction(url: &str, n: u64, concurrency: usize) -> anyhow::R
                 let key = format!("api:bench:single-{i}");
                 let id = envelope::task_id_for(&key);
                 let mut tx = pool.begin().await?;
-                sqlx::query("INSERT INTO inbox (message_key, fingerprint, task_id, outcome) VALUES ($1, $2, $3, 'persisted') ON CONFLICT DO NOTHING")
+                sqlx::query("INSERT INTO inbox (message_key, fingerprint, task_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
                     .bind(&key).bind(vec![0u8; 32]).bind(id).execute(&mut *tx).await?;
                 sqlx::query("INSERT INTO tasks (id, title, description, repository, priority, created_by, submitted_by, message_key, status) VALUES ($1, $2, $3, 'bench', 'high', $4, 'bench', $5, 'queued')")
                     .bind(id).bind(format!("Benchmark task {i}")).bind("A task created by mhv bench.").bind(crate::db::SYSTEM_USER_ID).bind(&key)

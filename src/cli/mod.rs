@@ -30,6 +30,15 @@ pub enum Command {
     Up(up::UpArgs),
     /// Print the version.
     Version,
+    /// Exit 0 when the URL answers 2xx within the timeout (for container health checks).
+    Healthcheck {
+        /// URL to check, e.g. http://127.0.0.1:8080/readyz or a worker's /healthz.
+        #[arg(long, default_value = "http://127.0.0.1:8080/readyz")]
+        url: String,
+        /// Seconds to wait for an answer.
+        #[arg(long, default_value_t = 3)]
+        timeout_secs: u64,
+    },
     /// Measure JetStream, the gateway and the workers on this machine (see docs/benchmarks.md).
     Bench(bench::BenchArgs),
     /// Configuration tools.
@@ -102,6 +111,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 "config: [[gateway.api_keys]]\n        name = \"{name}\"\n        sha256 = \"{}\"",
                 crate::config::hash_api_key(&key)
             );
+            Ok(())
+        }
+        Command::Healthcheck { url, timeout_secs } => {
+            let resp = reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(timeout_secs))
+                .build()?
+                .get(&url)
+                .send()
+                .await
+                .with_context(|| format!("{url} did not answer"))?;
+            let status = resp.status();
+            if !status.is_success() {
+                anyhow::bail!(
+                    "{url} answered {status}: {}",
+                    resp.text().await.unwrap_or_default()
+                );
+            }
+            println!("{url}: {status}");
             Ok(())
         }
         Command::Bench(args) => bench::run(load()?, args).await,

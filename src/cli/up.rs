@@ -51,16 +51,35 @@ pub async fn run(
 
     // NATS.
     let nats_addr = host_port(&settings.nats.url, 4222)?;
-    let _nats = if devstack::answers(&nats_addr) {
+    let answering = devstack::answers(&nats_addr);
+    let old = if answering {
+        old_nats_version(&settings.nats.url).await
+    } else {
+        None
+    };
+    let _nats = if answering && old.is_none() {
         eprintln!("using NATS at {}", settings.nats.url);
-        warn_if_old_nats(&settings.nats.url).await;
         None
     } else {
-        let port = nats_addr
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(4222);
+        let port = match &old {
+            // Something older answers at the configured address: leave it alone and run the
+            // pinned server beside it.
+            Some(v) => {
+                let p = devstack::free_port()?;
+                eprintln!(
+                    "nats-server {v} at {} is older than {}.{}; starting the pinned server on port {p} instead",
+                    settings.nats.url,
+                    devstack::nats::MIN_VERSION.0,
+                    devstack::nats::MIN_VERSION.1
+                );
+                p
+            }
+            None => nats_addr
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(4222),
+        };
         let s = NatsServer::start(&data.join("nats"), port)?;
         eprintln!(
             "started nats-server at {} (store {})",
@@ -182,21 +201,17 @@ pub async fn run(
     Ok(())
 }
 
-/// Mahavishnu runs on nats-server 2.9, but the guarantees in docs/ARCHITECTURE.md assume 2.10+.
-async fn warn_if_old_nats(url: &str) {
-    if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(3), async_nats::connect(url)).await
-    {
-        let v = c.server_info().version;
-        let mut it = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-        let (major, minor) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
-        if (major, minor) < devstack::nats::MIN_VERSION {
-            eprintln!(
-                "warning: nats-server {v} at {url} is older than {}.{}; fine for a demo, but use scripts/setup's pinned server (stop the old one, or set MHV_NATS__URL) for anything else",
-                devstack::nats::MIN_VERSION.0,
-                devstack::nats::MIN_VERSION.1
-            );
-        }
-    }
+/// The version of the nats-server at `url` when it is older than we support (the consumer
+/// needs 2.10+ for its two filter subjects).
+async fn old_nats_version(url: &str) -> Option<String> {
+    let c = tokio::time::timeout(Duration::from_secs(3), async_nats::connect(url))
+        .await
+        .ok()?
+        .ok()?;
+    let v = c.server_info().version;
+    let mut it = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+    ((major, minor) < devstack::nats::MIN_VERSION).then_some(v)
 }
 
 /// The demo job: create a task through the gateway and read it back with its audit row.

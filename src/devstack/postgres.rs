@@ -55,7 +55,11 @@ impl TestDatabase {
         let admin = admin_url();
         let name = format!("mhv_test_{}", uuid::Uuid::new_v4().simple());
         let mut conn = PgConnection::connect(&admin).await.with_context(|| {
-            format!("connecting to PostgreSQL at {admin} (set MHV_TEST_DATABASE_URL)")
+            // The URL may hold a password: name only the host.
+            format!(
+                "connecting to PostgreSQL at {} (set MHV_TEST_DATABASE_URL)",
+                crate::cli::up::host_port(&admin, 5432).unwrap_or_default()
+            )
         })?;
         conn.execute(format!(r#"CREATE DATABASE "{name}""#).as_str())
             .await?;

@@ -46,10 +46,10 @@ pub fn test_settings(nats_url: &str, db_url: &str) -> Settings {
     s.nats.publish_ack_timeout_ms = 2_000;
     s.nats.consumer.ack_wait_secs = 3;
     s.nats.consumer.backoff_secs = vec![];
-    s.nats.consumer.max_deliver = 20;
     s.database.url = SecretString::from(db_url.to_owned());
     s.database.statement_timeout_ms = 2_000;
     s.database.max_connections = 5;
+    s.database.acquire_timeout_ms = 1_000;
     s.worker.metrics_listen = String::new();
     s.worker.nak_delay_ms = 200;
     s.worker.shutdown_grace_secs = 10;

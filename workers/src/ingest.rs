@@ -4,9 +4,10 @@
 use crate::persist::{self, Item, ItemKind, Outcome, Raw};
 use crate::Ctx;
 use async_nats::jetstream::{self, AckKind};
+use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use futures::StreamExt;
 use mahavishnu::envelope::{self, headers};
-use mahavishnu::{db, task, ErrorCode};
+use mahavishnu::{db, task, topology, ErrorCode};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -15,16 +16,27 @@ use tokio_util::sync::CancellationToken;
 
 /// Consumes until `shutdown` is cancelled, then stops pulling and lets in-flight batches finish
 /// (up to the configured grace period).
+///
+/// The stream and consumer are (re)created whenever pulling has to start again — at start-up,
+/// and after a server lost them — by whichever process gets there first.
 pub async fn consume(
     ctx: Arc<Ctx>,
-    consumer: jetstream::consumer::PullConsumer,
+    js: jetstream::Context,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let w = &ctx.settings.worker;
     let permits = Arc::new(Semaphore::new(w.max_in_flight_batches));
     let mut batches = JoinSet::new();
-    ctx.metrics.up.set(1);
     'outer: while !shutdown.is_cancelled() {
+        let ensure = || async { topology::ensure(&js, &ctx.settings.nats).await };
+        let consumer = tokio::select! {
+            c = ensure
+                .retry(ExponentialBuilder::default().with_max_delay(Duration::from_secs(5)).without_max_times())
+                .notify(|e, d| tracing::warn!(error = %format!("{e:#}"), retry_in_ms = d.as_millis() as u64, "JetStream not ready")) => c?,
+            () = shutdown.cancelled() => break,
+        };
+        ctx.metrics.up.set(1);
+        tracing::info!(consumer = %ctx.settings.nats.consumer.durable_name, "worker consuming");
         let messages = match consumer
             .stream()
             .max_messages_per_batch(w.batch_size * 2)
@@ -35,6 +47,7 @@ pub async fn consume(
         {
             Ok(m) => m,
             Err(e) => {
+                ctx.metrics.up.set(0);
                 tracing::warn!(error = %e, "cannot start pulling; retrying");
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_secs(1)) => continue,
@@ -53,6 +66,7 @@ pub async fn consume(
                 () = shutdown.cancelled() => break 'outer,
             };
             let Some(chunk) = chunk else {
+                ctx.metrics.up.set(0);
                 tracing::warn!("message stream ended; re-subscribing");
                 continue 'outer;
             };
@@ -100,6 +114,11 @@ pub async fn consume(
 /// Classifies, writes and acknowledges one chunk. Exposed so tests can drive a single step.
 pub async fn handle_batch(ctx: &Arc<Ctx>, msgs: Vec<jetstream::Message>) {
     let items: Vec<Item> = msgs.iter().map(|m| classify(m, &ctx.limits)).collect();
+    for item in &items {
+        if let ItemKind::Poison { code, reason, .. } = &item.kind {
+            tracing::warn!(message.key = %item.key, stream.seq = item.stream_seq, code = %code, reason = %reason, "poison message; dead-lettering");
+        }
+    }
     let m = &ctx.metrics;
     m.batch_size.observe(items.len() as f64);
     m.in_flight_batches.inc();
@@ -112,7 +131,10 @@ pub async fn handle_batch(ctx: &Arc<Ctx>, msgs: Vec<jetstream::Message>) {
     m.in_flight_batches.dec();
     match result {
         Ok(outcomes) => {
-            for (msg, outcome) in msgs.iter().zip(outcomes) {
+            for ((msg, outcome), item) in msgs.iter().zip(outcomes).zip(&items) {
+                if outcome == Outcome::DeadLettered && matches!(item.kind, ItemKind::Task { .. }) {
+                    tracing::warn!(message.key = %item.key, code = %ErrorCode::IdempotencyConflict, "idempotency key reused with a different task; the first stands");
+                }
                 settle(ctx, msg, outcome).await;
             }
         }
@@ -186,12 +208,30 @@ async fn settle(ctx: &Ctx, msg: &jetstream::Message, outcome: Outcome) {
     }
 }
 
+/// Redelivery delay after `deliveries` attempts: exponential from `nak_delay_ms` up to
+/// `nak_max_delay_ms`, with jitter so that a fleet recovering from an outage does not retry in
+/// lockstep.
+pub fn nak_delay(w: &mahavishnu::config::WorkerSettings, deliveries: i64) -> Duration {
+    // The delay reaches the cap long before 32 doublings; walking further would only cost time
+    // (the iterator is lazy, and a delivery count can be huge).
+    let n = usize::try_from((deliveries.max(1) - 1).min(32)).unwrap_or(0);
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(w.nak_delay_ms))
+        .with_max_delay(Duration::from_millis(w.nak_max_delay_ms))
+        .with_jitter()
+        .without_max_times()
+        .build()
+        .nth(n)
+        .unwrap_or(Duration::from_millis(w.nak_max_delay_ms))
+}
+
 async fn nak(ctx: &Ctx, msg: &jetstream::Message) {
     ctx.metrics
         .messages_total
         .with_label_values(&["retried"])
         .inc();
-    let delay = Duration::from_millis(ctx.settings.worker.nak_delay_ms);
+    let deliveries = msg.info().map(|i| i.delivered).unwrap_or(1);
+    let delay = nak_delay(&ctx.settings.worker, deliveries);
     // Always with a delay: a bare NAK redelivers at once.
     if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
         tracing::warn!(error = %e, "nak failed; the message will be redelivered after ack wait");
@@ -222,6 +262,7 @@ pub fn classify(msg: &jetstream::Message, limits: &task::Limits) -> Item {
     };
     let msg_id = header(headers::MSG_ID);
     let decoded = envelope::decode(
+        &msg.subject,
         header(headers::CONTENT_TYPE).as_deref(),
         msg_id.as_deref(),
         header(headers::PRODUCER).as_deref(),
@@ -262,7 +303,7 @@ pub fn classify(msg: &jetstream::Message, limits: &task::Limits) -> Item {
             Ok(t) => Item {
                 kind: ItemKind::Task {
                     task_id: envelope::task_id_for(&inc.key),
-                    fingerprint: envelope::request_fingerprint(&inc.request),
+                    fingerprint: envelope::fingerprint(&t),
                     task: t,
                     principal: inc.principal,
                     raw,
@@ -287,4 +328,35 @@ fn headers_json(h: Option<&async_nats::HeaderMap>) -> serde_json::Value {
         }
     }
     serde_json::Value::Object(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nak_delay;
+    use mahavishnu::config::WorkerSettings;
+    use std::time::Duration;
+
+    #[test]
+    fn nak_delays_grow_and_are_capped() {
+        let w = WorkerSettings {
+            nak_delay_ms: 100,
+            nak_max_delay_ms: 5_000,
+            ..Default::default()
+        };
+        let first = nak_delay(&w, 1);
+        assert!(
+            first >= Duration::from_millis(100) && first <= Duration::from_millis(200),
+            "{first:?}"
+        );
+        let fourth = nak_delay(&w, 4);
+        assert!(fourth >= Duration::from_millis(800), "{fourth:?}");
+        for d in [20, 1_000, i64::MAX] {
+            assert!(
+                nak_delay(&w, d) <= Duration::from_millis(10_000),
+                "jitter stays bounded"
+            );
+            assert!(nak_delay(&w, d) >= Duration::from_millis(5_000));
+        }
+        assert!(nak_delay(&w, 0) >= Duration::from_millis(100));
+    }
 }

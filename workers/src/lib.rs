@@ -16,12 +16,10 @@ pub mod persist;
 pub mod reads;
 
 use anyhow::Context as _;
-use backon::{ExponentialBuilder, Retryable};
 use mahavishnu::config::Settings;
 use mahavishnu::task::Limits;
 use mahavishnu::{db, topology};
 use std::sync::Arc;
-use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// What every part of a worker shares.
@@ -58,18 +56,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         Some(tokio::spawn(serve_metrics(ctx.clone(), shutdown.clone())))
     };
 
-    // Whichever process starts first creates the stream and consumer; retry while NATS is down.
-    let ensure = || async { topology::ensure(&js, &ctx.settings.nats).await };
-    let consumer = tokio::select! {
-        c = ensure
-            .retry(ExponentialBuilder::default().with_max_delay(Duration::from_secs(5)).without_max_times())
-            .notify(|e, d| tracing::warn!(error = %format!("{e:#}"), retry_in_ms = d.as_millis() as u64, "JetStream not ready")) => c?,
-        () = shutdown.cancelled() => return Ok(()),
-    };
-
     let reads = tokio::spawn(reads::serve(ctx.clone(), shutdown.clone()));
-    tracing::info!(consumer = %ctx.settings.nats.consumer.durable_name, "worker consuming");
-    let consumed = ingest::consume(ctx.clone(), consumer, shutdown.clone()).await;
+    let consumed = ingest::consume(ctx.clone(), js, shutdown.clone()).await;
     shutdown.cancel();
     if let Ok(Err(e)) = reads.await {
         tracing::warn!(error = %format!("{e:#}"), "read service ended with an error");

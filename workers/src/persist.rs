@@ -138,8 +138,8 @@ pub async fn persist_batch(pool: &PgPool, items: &[Item]) -> Result<Vec<Outcome>
         HashSet::new()
     } else {
         sqlx::query_scalar::<_, String>(
-            "INSERT INTO inbox (message_key, fingerprint, task_id, outcome, stream_seq)
-             SELECT k, f, t, 'persisted', s FROM UNNEST($1::text[], $2::bytea[], $3::uuid[], $4::int8[]) AS x(k, f, t, s)
+            "INSERT INTO inbox (message_key, fingerprint, task_id, stream_seq)
+             SELECT k, f, t, s FROM UNNEST($1::text[], $2::bytea[], $3::uuid[], $4::int8[]) AS x(k, f, t, s)
              ON CONFLICT (message_key) DO NOTHING
              RETURNING message_key",
         )

@@ -11,6 +11,7 @@ use axum::extract::rejection::{BytesRejection, FailedToBufferBody};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use chrono::Utc;
 use mahavishnu::envelope::{self, headers, Envelope};
@@ -41,11 +42,11 @@ pub struct Accepted {
 /// `POST /v1/tasks`.
 pub async fn create(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let principal = state.keys().authenticate(&headers)?;
     let body = body.map_err(|e| match e {
         BytesRejection::FailedToBufferBody(FailedToBufferBody::LengthLimitError(_)) => {
             ApiError::new(
@@ -169,7 +170,7 @@ async fn publish(
         .header(headers::CONTENT_TYPE, envelope::CONTENT_TYPE_ENVELOPE);
     let ack_future = state
         .js()
-        .send_publish(topology::SUBJECT_TASKS_CREATE, publish)
+        .send_publish(topology::SUBJECT_TASKS_SUBMIT, publish)
         .await
         .map_err(|e| match e.kind() {
             PublishErrorKind::MaxPayloadExceeded => ApiError::new(
@@ -192,10 +193,8 @@ async fn publish(
 /// `GET /v1/tasks/{id}`.
 pub async fn get(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    state.keys().authenticate(&headers)?;
     let id = parse_id(&id)?;
     read::<mahavishnu::task::Task>(&state, topology::SUBJECT_READ_TASK, id).await
 }
@@ -203,10 +202,8 @@ pub async fn get(
 /// `GET /v1/tasks/{id}/audit`.
 pub async fn audit(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    state.keys().authenticate(&headers)?;
     let id = parse_id(&id)?;
     read::<Vec<mahavishnu::task::AuditEntry>>(&state, topology::SUBJECT_READ_AUDIT, id).await
 }
