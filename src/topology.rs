@@ -14,8 +14,9 @@ pub const SUBJECT_TASKS_CREATE: &str = "mhv.tasks.create";
 /// permissions can let only the gateway publish here: the envelope names the principal, and
 /// whoever can publish an envelope can claim any principal.
 pub const SUBJECT_TASKS_SUBMIT: &str = "mhv.tasks.submit";
-/// Subjects the task stream captures. Later subjects (`mhv.tasks.execute`, webhooks) fit here.
-pub const STREAM_SUBJECTS: &str = "mhv.tasks.>";
+/// Subjects the task stream captures: exactly those its consumer reads. A wildcard would store
+/// stray publishes (`mhv.tasks.typo`) in a work-queue stream that nothing ever drains.
+pub const STREAM_SUBJECTS: [&str; 2] = [SUBJECT_TASKS_CREATE, SUBJECT_TASKS_SUBMIT];
 /// Name of the NATS service (micro) the workers expose for reads.
 pub const READ_SERVICE_NAME: &str = "mhv-tasks";
 /// Queue group of the read service: every worker replica joins it.
@@ -30,7 +31,7 @@ pub fn stream_config(n: &NatsSettings) -> stream::Config {
     stream::Config {
         name: n.stream.name.clone(),
         description: Some("Mahavishnu tasks awaiting persistence and execution".into()),
-        subjects: vec![STREAM_SUBJECTS.into()],
+        subjects: STREAM_SUBJECTS.iter().map(|s| (*s).to_owned()).collect(),
         retention: stream::RetentionPolicy::WorkQueue,
         storage: stream::StorageType::File,
         // Refuse new messages when full (the gateway answers 503) instead of discarding old,

@@ -113,8 +113,9 @@ pub async fn consume(
 
 /// Classifies, writes and acknowledges one chunk. Exposed so tests can drive a single step.
 pub async fn handle_batch(ctx: &Arc<Ctx>, msgs: Vec<jetstream::Message>) {
-    let items: Vec<Item> = msgs.iter().map(|m| classify(m, &ctx.limits)).collect();
-    for item in &items {
+    // Shared with the detached transaction without copying payloads.
+    let items: Arc<Vec<Item>> = Arc::new(msgs.iter().map(|m| classify(m, &ctx.limits)).collect());
+    for item in items.iter() {
         if let ItemKind::Poison { code, reason, .. } = &item.kind {
             tracing::warn!(message.key = %item.key, stream.seq = item.stream_seq, code = %code, reason = %reason, "poison message; dead-lettering");
         }
@@ -124,14 +125,14 @@ pub async fn handle_batch(ctx: &Arc<Ctx>, msgs: Vec<jetstream::Message>) {
     m.in_flight_batches.inc();
     let started = Instant::now();
     let pool = ctx.pool.clone();
-    let batch = items.clone();
+    let batch = Arc::clone(&items);
     let result = db::detached(async move { persist::persist_batch(&pool, &batch).await }).await;
     m.transaction_seconds
         .observe(started.elapsed().as_secs_f64());
     m.in_flight_batches.dec();
     match result {
         Ok(outcomes) => {
-            for ((msg, outcome), item) in msgs.iter().zip(outcomes).zip(&items) {
+            for ((msg, outcome), item) in msgs.iter().zip(outcomes).zip(items.iter()) {
                 if outcome == Outcome::DeadLettered && matches!(item.kind, ItemKind::Task { .. }) {
                     tracing::warn!(message.key = %item.key, code = %ErrorCode::IdempotencyConflict, "idempotency key reused with a different task; the first stands");
                 }
@@ -148,8 +149,8 @@ pub async fn handle_batch(ctx: &Arc<Ctx>, msgs: Vec<jetstream::Message>) {
             // Something validation did not foresee. Write one by one so that a single bad
             // message cannot hold up the others.
             tracing::warn!(error = %e, messages = msgs.len(), "batch failed; retrying one by one");
-            for (msg, item) in msgs.iter().zip(items) {
-                handle_one(ctx, msg, item).await;
+            for (msg, item) in msgs.iter().zip(items.iter()) {
+                handle_one(ctx, msg, item.clone()).await;
             }
         }
     }
@@ -258,7 +259,7 @@ pub fn classify(msg: &jetstream::Message, limits: &task::Limits) -> Item {
     let raw = Raw {
         subject: msg.subject.to_string(),
         headers: headers_json(msg.headers.as_ref()),
-        payload: msg.payload.to_vec(),
+        payload: msg.payload.clone(),
     };
     let msg_id = header(headers::MSG_ID);
     let decoded = envelope::decode(

@@ -65,7 +65,7 @@ pub struct Raw {
     /// Headers as a JSON object of arrays.
     pub headers: serde_json::Value,
     /// Body, verbatim.
-    pub payload: Vec<u8>,
+    pub payload: bytes::Bytes,
 }
 
 /// What happened to a message; decides ack (persisted, duplicate) or term (dead-lettered).
@@ -294,7 +294,7 @@ async fn insert_dead_letters(
     let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
     let headers: Vec<Json<&serde_json::Value>> =
         dead.iter().map(|d| Json(&d.raw.headers)).collect();
-    let payloads: Vec<&[u8]> = dead.iter().map(|d| d.raw.payload.as_slice()).collect();
+    let payloads: Vec<&[u8]> = dead.iter().map(|d| d.raw.payload.as_ref()).collect();
     sqlx::query(
         "INSERT INTO dead_letters (message_key, subject, stream_seq, deliveries, error_code, reason, headers, payload)
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[], $6::text[], $7::jsonb[], $8::bytea[])

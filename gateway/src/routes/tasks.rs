@@ -66,17 +66,18 @@ pub async fn create(
     let request = decode_body(&headers, &body)?;
     let now = Utc::now();
     let metrics = state.metrics();
-    let repo_label = metrics
-        .repository_label(request.repository.as_deref().unwrap_or("_invalid"))
-        .to_owned();
-
-    if let Err(details) = validate(&request, state.limits(), now) {
-        metrics
-            .task_creation_total
-            .with_label_values(&["_invalid", "rejected"])
-            .inc();
-        return Err(ApiError::validation(details));
-    }
+    let task = match validate(&request, state.limits(), now) {
+        Ok(t) => t,
+        Err(details) => {
+            metrics
+                .task_creation_total
+                .with_label_values(&["_invalid", "rejected"])
+                .inc();
+            return Err(ApiError::validation(details));
+        }
+    };
+    // Only a validated repository name may become a label value.
+    let repo_label = metrics.repository_label(&task.repository).to_owned();
 
     let key = envelope::api_key_for(
         &principal.0,
