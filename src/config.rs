@@ -35,7 +35,9 @@ pub struct Settings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsSettings {
-    /// Server URL(s), comma-separated.
+    /// Server URL(s), comma-separated. May carry credentials (`nats://user:pass@host`), so it
+    /// is redacted wherever it is printed ([`redact_url`]).
+    #[serde(serialize_with = "serialize_redacted_url")]
     pub url: String,
     /// How long a publish waits for JetStream's acknowledgement before the gateway answers 503.
     pub publish_ack_timeout_ms: u64,
@@ -307,7 +309,7 @@ impl Settings {
         {
             return err(format!(
                 "nats.url {:?} must be a comma-separated list of NATS URLs",
-                n.url
+                redact_url(&n.url)
             ));
         }
         if !crate::task::validate::is_valid_repository(&n.stream.name, 64) {
@@ -453,6 +455,22 @@ pub fn ms(v: u64) -> Duration {
     Duration::from_millis(v)
 }
 
+/// Replaces the user-info part of every URL in a comma-separated list with `***`.
+pub fn redact_url(urls: &str) -> String {
+    urls.split(',')
+        .map(|u| match (u.find("://"), u.rfind('@')) {
+            (Some(s), Some(at)) if at > s + 3 => format!("{}***{}", &u[..s + 3], &u[at..]),
+            (None, Some(at)) => format!("***{}", &u[at..]),
+            _ => u.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn serialize_redacted_url<S: serde::Serializer>(url: &str, ser: S) -> Result<S::Ok, S::Error> {
+    ser.serialize_str(&redact_url(url))
+}
+
 /// Lower-case hex SHA-256 of an API key, the form `gateway.api_keys[].sha256` stores.
 pub fn hash_api_key(key: &str) -> String {
     use sha2::Digest as _;
@@ -512,6 +530,17 @@ mod tests {
             .unwrap_err()
             .0
             .contains("batchsize"));
+    }
+
+    #[test]
+    fn nats_credentials_are_redacted_when_printed() {
+        assert_eq!(
+            redact_url("nats://u:p@a:4222, tls://tok@b:4222,nats://c:1"),
+            "nats://***@a:4222, tls://***@b:4222,nats://c:1"
+        );
+        let mut s = Settings::default();
+        s.nats.url = "nats://u:hunter2@a:4222".into();
+        assert!(!toml::to_string(&s).unwrap().contains("hunter2"));
     }
 
     #[test]

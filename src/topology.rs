@@ -98,5 +98,5 @@ pub async fn connect(url: &str, name: &str) -> anyhow::Result<async_nats::Client
         .max_reconnects(None)
         .connect(addrs)
         .await
-        .with_context(|| format!("connecting to NATS at {url}"))
+        .with_context(|| format!("connecting to NATS at {}", crate::config::redact_url(url)))
 }

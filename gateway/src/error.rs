@@ -67,7 +67,7 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if self.status.is_server_error() {
-            tracing::warn!(code = %self.body.code, status = self.status.as_u16(), message = %self.body.message, "answered with a server error");
+            tracing::warn!(code = %self.body.code, status = self.status.as_u16(), detail = %self.body.message, "answered with a server error");
         }
         let mut resp = (self.status, Json(*self.body)).into_response();
         if let Some(s) = self.retry_after_secs {

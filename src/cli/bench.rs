@@ -102,6 +102,7 @@ pub async fn run(base: Settings, args: BenchArgs) -> anyhow::Result<()> {
                 .arg("--config")
                 .arg(&config)
                 .env("MHV_DATABASE__URL", &db.url)
+                .env("MHV_NATS__URL", nats.url())
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -111,6 +112,11 @@ pub async fn run(base: Settings, args: BenchArgs) -> anyhow::Result<()> {
     let gateway = spawn("mhv-gateway")?;
     let base_url = format!("http://{}", settings.gateway.listen);
     wait_ready(&base_url).await?;
+    let cpu_before = [
+        cpu_secs(Some(gateway.0.id())),
+        cpu_secs(nats.pid()),
+        cpu_secs(None),
+    ];
     let http = http_load(
         &settings.gateway.listen,
         &key,
@@ -127,6 +133,21 @@ pub async fn run(base: Settings, args: BenchArgs) -> anyhow::Result<()> {
     println!(
         "    gateway RSS: {:.1} MiB at the end, {:.1} MiB peak",
         http.rss_mib, http.rss_peak_mib
+    );
+    let cpu_after = [
+        cpu_secs(Some(gateway.0.id())),
+        cpu_secs(nats.pid()),
+        cpu_secs(None),
+    ];
+    let per_req =
+        |i: usize| (cpu_after[i] - cpu_before[i]) * 1e6 / (http.ok + http.errors).max(1) as f64;
+    println!(
+        "    CPU per request: gateway {:.1} µs, nats-server {:.1} µs, load generator {:.1} µs ({:.2} of {} cores busy)",
+        per_req(0),
+        per_req(1),
+        per_req(2),
+        (0..3).map(|i| cpu_after[i] - cpu_before[i]).sum::<f64>() / args.http_seconds as f64,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
     drop(gateway);
 
@@ -335,6 +356,24 @@ async fn http_load(
         rss_mib: rss,
         rss_peak_mib: hwm.max(sampled),
     })
+}
+
+/// User + system CPU seconds of a process (`None`: this one), from /proc.
+fn cpu_secs(pid: Option<u32>) -> f64 {
+    let path = match pid {
+        Some(p) => Path::new("/proc").join(p.to_string()).join("stat"),
+        None => Path::new("/proc/self/stat").to_path_buf(),
+    };
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start at field 3.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    #[allow(unsafe_code)]
+    // SAFETY: sysconf takes an integer and has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    // utime and stime are fields 14 and 15, i.e. indexes 11 and 12 after the ')'.
+    (ticks(11) + ticks(12)) / hz
 }
 
 /// (VmRSS, VmHWM) of a process in MiB, from /proc.

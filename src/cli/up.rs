@@ -58,7 +58,10 @@ pub async fn run(
         None
     };
     let _nats = if answering && old.is_none() {
-        eprintln!("using NATS at {}", settings.nats.url);
+        eprintln!(
+            "using NATS at {}",
+            crate::config::redact_url(&settings.nats.url)
+        );
         None
     } else {
         let port = match &old {
@@ -68,7 +71,7 @@ pub async fn run(
                 let p = devstack::free_port()?;
                 eprintln!(
                     "nats-server {v} at {} is older than {}.{}; starting the pinned server on port {p} instead",
-                    settings.nats.url,
+                    crate::config::redact_url(&settings.nats.url),
                     devstack::nats::MIN_VERSION.0,
                     devstack::nats::MIN_VERSION.1
                 );
@@ -144,8 +147,9 @@ pub async fn run(
         let mut cmd = Command::new(&path);
         cmd.arg("--config")
             .arg(&config_path)
-            // The generated file redacts the URL; pass it by environment.
+            // The generated file redacts both URLs; pass them by environment.
             .env("MHV_DATABASE__URL", &db_url)
+            .env("MHV_NATS__URL", &settings.nats.url)
             .stdin(Stdio::null());
         for (k, v) in extra {
             cmd.env(k, v);

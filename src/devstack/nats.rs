@@ -108,6 +108,11 @@ impl NatsServer {
         format!("nats://{}", self.addr())
     }
 
+    /// Process id while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The port.
     pub fn port(&self) -> u16 {
         self.port

@@ -116,8 +116,10 @@ pub async fn handle_batch(ctx: &Arc<Ctx>, msgs: Vec<jetstream::Message>) {
     // Shared with the detached transaction without copying payloads.
     let items: Arc<Vec<Item>> = Arc::new(msgs.iter().map(|m| classify(m, &ctx.limits)).collect());
     for item in items.iter() {
-        if let ItemKind::Poison { code, reason, .. } = &item.kind {
-            tracing::warn!(message.key = %item.key, stream.seq = item.stream_seq, code = %code, reason = %reason, "poison message; dead-lettering");
+        // The reason can quote body values (decoder messages do); it goes to the dead-letter
+        // row, never to the log.
+        if let ItemKind::Poison { code, .. } = &item.kind {
+            tracing::warn!(message.key = %item.key, stream.seq = item.stream_seq, code = %code, "poison message; dead-lettering (reason in dead_letters)");
         }
     }
     let m = &ctx.metrics;
