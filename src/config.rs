@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::Duration;
 
+/// Room the gateway's envelope needs beyond the request body.
+pub const ENVELOPE_OVERHEAD_BYTES: usize = 4096;
+
 /// `MHV_*` variables that are not settings (lower-case, prefix stripped).
 pub const NON_SETTING_VARS: &[&str] = &["config", "nats_server", "test_database_url"];
 
@@ -99,7 +102,8 @@ pub struct ConsumerSettings {
     pub durable_name: String,
     /// How long a delivery may stay unacknowledged before JetStream redelivers it.
     pub ack_wait_secs: u64,
-    /// Deliveries before JetStream gives up on a message; -1 (the default) never gives up.
+    /// Deliveries before JetStream gives up on a message. Only -1 (never give up) is accepted
+    /// for now; see [`Settings::validate`].
     /// Persisting an accepted task must outlast any database outage: messages that can never
     /// succeed are dead-lettered and terminated by the workers themselves, so only passing
     /// failures are ever redelivered.
@@ -339,15 +343,12 @@ impl Settings {
         if c.ack_wait_secs == 0 {
             return err("nats.consumer.ack_wait_secs must be > 0".into());
         }
-        if c.max_deliver != -1 && c.max_deliver < 2 {
-            return err(
-                "nats.consumer.max_deliver must be -1 (never give up) or at least 2".into(),
-            );
-        }
-        if c.max_deliver != -1 && c.backoff_secs.len() as i64 > c.max_deliver {
+        if c.max_deliver != -1 {
+            // JetStream neither removes nor redelivers a message past MaxDeliver, and its
+            // advisory is fire-and-forget: an accepted task would be stranded. Allowed again once
+            // advisories are captured into the dead-letter store.
             return err(format!(
-                "nats.consumer.backoff_secs has {} entries; at most max_deliver ({})",
-                c.backoff_secs.len(),
+                "nats.consumer.max_deliver is {}; only -1 is supported: a finite limit strands accepted tasks after an outage (workers dead-letter poison themselves)",
                 c.max_deliver
             ));
         }
@@ -358,8 +359,10 @@ impl Settings {
             ));
         }
         let d = &self.database;
-        if d.max_connections == 0 {
-            return err("database.max_connections must be > 0".into());
+        if d.max_connections == 0 || d.acquire_timeout_ms == 0 {
+            return err(
+                "database.max_connections and database.acquire_timeout_ms must be > 0".into(),
+            );
         }
         if d.statement_timeout_ms == 0 || d.idle_in_transaction_timeout_ms == 0 {
             return err("database timeouts must be > 0".into());
@@ -371,15 +374,21 @@ impl Settings {
         if w.max_in_flight_batches == 0 {
             return err("worker.max_in_flight_batches must be > 0".into());
         }
+        if w.max_in_flight_batches as u64 >= u64::from(d.max_connections) {
+            return err(format!(
+                "worker.max_in_flight_batches ({}) must be below database.max_connections ({}): the rest of the pool serves reads",
+                w.max_in_flight_batches, d.max_connections
+            ));
+        }
         if w.nak_delay_ms == 0 || w.nak_max_delay_ms < w.nak_delay_ms {
             return err("worker.nak_delay_ms must be > 0 and at most worker.nak_max_delay_ms (a NAK without delay redelivers at once)".into());
         }
-        if w.shutdown_grace_secs >= c.ack_wait_secs * 10 {
+        if w.shutdown_grace_secs >= c.ack_wait_secs.saturating_mul(10) {
             // Not fatal in itself, but a sign of a misread unit.
             return err("worker.shutdown_grace_secs is implausibly large (≥ 10 × ack_wait)".into());
         }
         // A batch's transaction must be able to finish before its messages are redelivered.
-        if d.statement_timeout_ms >= c.ack_wait_secs * 1000 {
+        if d.statement_timeout_ms >= c.ack_wait_secs.saturating_mul(1000) {
             return err(format!(
                 "database.statement_timeout_ms ({}) must be shorter than nats.consumer.ack_wait_secs ({} s)",
                 d.statement_timeout_ms, c.ack_wait_secs
@@ -403,6 +412,15 @@ impl Settings {
         }
         if g.body_limit_bytes < 1024 {
             return err("gateway.body_limit_bytes must be at least 1024".into());
+        }
+        // The envelope adds the principal, a timestamp and field names to the body.
+        if g.body_limit_bytes.saturating_add(ENVELOPE_OVERHEAD_BYTES)
+            > usize::try_from(n.stream.max_message_bytes).unwrap_or(0)
+        {
+            return err(format!(
+                "gateway.body_limit_bytes ({}) plus {ENVELOPE_OVERHEAD_BYTES} bytes of envelope must fit nats.stream.max_message_bytes ({}), or accepted-size bodies would be refused by JetStream",
+                g.body_limit_bytes, n.stream.max_message_bytes
+            ));
         }
         if g.header_read_timeout_ms == 0 || g.request_timeout_ms == 0 {
             return err("gateway timeouts must be > 0".into());
@@ -491,6 +509,23 @@ mod tests {
         let mut s = Settings::default();
         s.nats.consumer.backoff_secs = vec![1];
         assert!(s.validate().unwrap_err().0.contains("backoff_secs"));
+        let mut s = Settings::default();
+        s.nats.consumer.max_deliver = 5;
+        assert!(s.validate().unwrap_err().0.contains("max_deliver"));
+        let mut s = Settings::default();
+        s.worker.max_in_flight_batches = 10;
+        assert!(s
+            .validate()
+            .unwrap_err()
+            .0
+            .contains("max_in_flight_batches"));
+        let mut s = Settings::default();
+        s.gateway.body_limit_bytes = 1 << 20;
+        assert!(s.validate().unwrap_err().0.contains("body_limit_bytes"));
+        let mut s = Settings::default();
+        s.nats.consumer.ack_wait_secs = u64::MAX;
+        s.nats.consumer.backoff_secs = vec![];
+        let _ = s.validate(); // must not panic on overflow
         let mut s = Settings::default();
         s.database.statement_timeout_ms = 60_000;
         assert!(s.validate().unwrap_err().0.contains("statement_timeout_ms"));

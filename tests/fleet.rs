@@ -145,11 +145,32 @@ async fn two_workers_share_the_load() {
         })
         .collect();
     stack.wait_stream().await;
+    // Both workers consuming (not still starting) before the load arrives.
     for port in ports {
-        assert!(mahavishnu::devstack::wait_for_port(
-            &format!("127.0.0.1:{port}"),
-            Duration::from_secs(10)
-        ));
+        let start = Instant::now();
+        loop {
+            let up = match stack
+                .http
+                .get(format!("http://127.0.0.1:{port}/metrics"))
+                .send()
+                .await
+            {
+                Ok(r) => r
+                    .text()
+                    .await
+                    .unwrap_or_default()
+                    .contains("mhv_worker_up 1"),
+                Err(_) => false,
+            };
+            if up {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "worker on {port} never came up"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     publish_n(&stack, "share", 2000).await;
     assert_eq!(

@@ -56,20 +56,8 @@ async fn one_idempotency_key_is_one_task_across_window_and_restart() {
     };
     assert!(ids.iter().all(|i| i == &id));
 
-    // Let every message drain, then count.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let js = async_nats::jetstream::new(stack.nats_client().await);
-    let mut c: async_nats::jetstream::consumer::PullConsumer = js
-        .get_consumer_from_stream("mhv-workers", "MHV_TASKS")
-        .await
-        .unwrap();
-    for _ in 0..100 {
-        let i = c.info().await.unwrap();
-        if i.num_pending == 0 && i.num_ack_pending == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // Every message drained (none left pending or unacknowledged), then count.
+    stack.assert_drained(Duration::from_secs(20)).await;
     assert_eq!(stack.count("SELECT count(*) FROM tasks").await, 1);
     assert_eq!(stack.count("SELECT count(*) FROM task_audit_log").await, 1);
     assert_eq!(stack.count("SELECT count(*) FROM inbox").await, 1);
@@ -103,9 +91,7 @@ async fn one_nats_msg_id_is_one_task_across_window_and_restart() {
     stack.nats.kill();
     stack.nats.restart().unwrap();
     publish_20(stack.nats.url(), body.clone()).await;
-    let sql = "SELECT count(*) FROM inbox";
-    stack.wait_count(sql, 1, Duration::from_secs(5)).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    stack.assert_drained(Duration::from_secs(20)).await;
     assert_eq!(
         stack
             .count("SELECT count(*) FROM tasks WHERE message_key = 'nats:etl-run-7'")

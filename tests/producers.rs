@@ -155,3 +155,26 @@ async fn json_and_msgpack_are_persisted_and_poison_is_dead_lettered_without_bloc
     assert_eq!(info.num_ack_pending, 0);
     assert_eq!(info.num_redelivered, 0, "poison must not be redelivered");
 }
+
+#[tokio::test]
+async fn ids_that_cannot_be_stored_are_dead_lettered_once_and_hold_up_nothing() {
+    let stack = TestStack::start(|_| {}, 1).await;
+    let js = async_nats::jetstream::new(stack.nats_client().await);
+    let body = serde_json::to_vec(&json!({"title": "t", "repository": "r"})).unwrap();
+    publish(&js, "tab\there", None, body.clone()).await;
+    publish(&js, &"x".repeat(600), None, body.clone()).await;
+    publish(&js, "fine", None, body).await;
+    assert_eq!(
+        stack
+            .wait_count("SELECT count(*) FROM tasks", 1, Duration::from_secs(5))
+            .await,
+        1
+    );
+    assert_eq!(
+        stack
+            .wait_count("SELECT count(*) FROM dead_letters WHERE message_key LIKE 'badid:%' AND error_code = 'MHV-003'", 2, Duration::from_secs(5))
+            .await,
+        2
+    );
+    stack.assert_drained(Duration::from_secs(10)).await;
+}

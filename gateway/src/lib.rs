@@ -51,8 +51,8 @@ pub async fn run(
     Ok(())
 }
 
-/// Keeps readiness current: creates or updates the stream and consumer when NATS is reachable
-/// and they are missing (first start, or a server that lost its store).
+/// Keeps readiness current: creates or updates the stream when NATS is reachable and it is
+/// missing (first start, or a server that lost its store). The consumer is the workers'.
 async fn watch_topology(state: AppState) {
     let mut ensured = false;
     loop {
@@ -61,7 +61,7 @@ async fn watch_topology(state: AppState) {
         let ready = if !connected {
             false
         } else if !ensured {
-            match topology::ensure(state.js(), &state.settings().nats).await {
+            match topology::ensure_stream(state.js(), &state.settings().nats).await {
                 Ok(_) => {
                     ensured = true;
                     true

@@ -265,6 +265,58 @@ impl TestStack {
             .unwrap()
     }
 
+    /// Asserts that the consumer has nothing pending or unacknowledged within `timeout`.
+    pub async fn assert_drained(&self, timeout: Duration) {
+        let js = async_nats::jetstream::new(self.nats_client().await);
+        let start = Instant::now();
+        loop {
+            if let Ok(mut c) = js
+                .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+                    &self.settings.nats.consumer.durable_name,
+                    &self.settings.nats.stream.name,
+                )
+                .await
+            {
+                let i = c.info().await.unwrap();
+                if i.num_pending == 0 && i.num_ack_pending == 0 {
+                    return;
+                }
+                assert!(
+                    start.elapsed() < timeout,
+                    "not drained: {} pending, {} unacknowledged",
+                    i.num_pending,
+                    i.num_ack_pending
+                );
+            }
+            assert!(start.elapsed() < timeout, "consumer not found");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until some worker has a pull request waiting on the consumer (it is consuming).
+    pub async fn wait_pulling(&self) {
+        let js = async_nats::jetstream::new(self.nats_client().await);
+        let start = Instant::now();
+        loop {
+            if let Ok(mut c) = js
+                .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+                    &self.settings.nats.consumer.durable_name,
+                    &self.settings.nats.stream.name,
+                )
+                .await
+            {
+                if c.info().await.unwrap().num_waiting > 0 {
+                    return;
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "no worker is pulling"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// A NATS client for publishing straight to the subject.
     pub async fn nats_client(&self) -> async_nats::Client {
         async_nats::connect(self.nats.url()).await.unwrap()

@@ -5,28 +5,33 @@ use crate::persist::{self, Item, ItemKind, Outcome, Raw};
 use crate::Ctx;
 use async_nats::jetstream::{self, AckKind};
 use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use mahavishnu::envelope::{self, headers};
 use mahavishnu::{db, task, topology, ErrorCode};
+use sha2::Digest as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-/// Consumes until `shutdown` is cancelled, then stops pulling and lets in-flight batches finish
-/// (up to the configured grace period).
+/// Consumes until `shutdown` is cancelled, then stops pulling, hands back what it was delivered
+/// but had not started, and lets in-flight batches finish (up to the grace period).
 ///
-/// The stream and consumer are (re)created whenever pulling has to start again — at start-up,
-/// and after a server lost them — by whichever process gets there first.
+/// Workers own the consumer: they (re)create the stream and consumer whenever pulling has to
+/// start again — at start-up, when the pull stream ends, and after repeated pull errors (a
+/// server that lost its store answers with errors, not with an end of stream).
 pub async fn consume(
     ctx: Arc<Ctx>,
     js: jetstream::Context,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    /// Consecutive pull errors before the consumer is re-created.
+    const MAX_PULL_ERRORS: u32 = 5;
     let w = &ctx.settings.worker;
     let permits = Arc::new(Semaphore::new(w.max_in_flight_batches));
     let mut batches = JoinSet::new();
+    let mut leftover = Vec::new();
     'outer: while !shutdown.is_cancelled() {
         let ensure = || async { topology::ensure(&js, &ctx.settings.nats).await };
         let consumer = tokio::select! {
@@ -35,11 +40,11 @@ pub async fn consume(
                 .notify(|e, d| tracing::warn!(error = %format!("{e:#}"), retry_in_ms = d.as_millis() as u64, "JetStream not ready")) => c?,
             () = shutdown.cancelled() => break,
         };
-        ctx.metrics.up.set(1);
-        tracing::info!(consumer = %ctx.settings.nats.consumer.durable_name, "worker consuming");
+        // Prefetch no more than one batch: a delivered message's ack wait is already running
+        // while it waits for a transaction slot.
         let messages = match consumer
             .stream()
-            .max_messages_per_batch(w.batch_size * 2)
+            .max_messages_per_batch(w.batch_size)
             .heartbeat(Duration::from_secs(5))
             .expires(Duration::from_secs(30))
             .messages()
@@ -47,7 +52,6 @@ pub async fn consume(
         {
             Ok(m) => m,
             Err(e) => {
-                ctx.metrics.up.set(0);
                 tracing::warn!(error = %e, "cannot start pulling; retrying");
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_secs(1)) => continue,
@@ -55,31 +59,49 @@ pub async fn consume(
                 }
             }
         };
+        ctx.metrics.up.set(1);
+        tracing::info!(consumer = %ctx.settings.nats.consumer.durable_name, "worker consuming");
         let mut chunks = messages.ready_chunks(w.batch_size);
+        let mut errors_in_a_row = 0;
         loop {
             let permit = tokio::select! {
                 p = permits.clone().acquire_owned() => p?,
-                () = shutdown.cancelled() => break 'outer,
+                () = shutdown.cancelled() => {
+                    leftover.extend(drain_ready(&mut chunks));
+                    break 'outer;
+                }
             };
             let chunk = tokio::select! {
                 c = chunks.next() => c,
-                () = shutdown.cancelled() => break 'outer,
+                () = shutdown.cancelled() => {
+                    leftover.extend(drain_ready(&mut chunks));
+                    break 'outer;
+                }
             };
             let Some(chunk) = chunk else {
                 ctx.metrics.up.set(0);
-                tracing::warn!("message stream ended; re-subscribing");
+                tracing::warn!("message stream ended; re-creating the consumer");
                 continue 'outer;
             };
             let mut msgs = Vec::with_capacity(chunk.len());
             for m in chunk {
                 match m {
                     Ok(m) => msgs.push(m),
-                    Err(e) => tracing::warn!(error = %e, "pull stream error"),
+                    Err(e) => {
+                        errors_in_a_row += 1;
+                        tracing::warn!(error = %e, errors_in_a_row, "pull stream error");
+                    }
                 }
             }
             if msgs.is_empty() {
+                if errors_in_a_row >= MAX_PULL_ERRORS {
+                    ctx.metrics.up.set(0);
+                    tracing::warn!("repeated pull errors; re-creating the consumer");
+                    continue 'outer;
+                }
                 continue;
             }
+            errors_in_a_row = 0;
             let ctx = ctx.clone();
             batches.spawn(async move {
                 let _permit = permit;
@@ -93,9 +115,14 @@ pub async fn consume(
         }
     }
     ctx.metrics.up.set(0);
+    // Delivered to us but never started: hand them back now rather than after the ack wait.
+    for msg in &leftover {
+        let _ = msg.ack_with(AckKind::Nak(Some(HANDBACK_DELAY))).await;
+    }
     let grace = Duration::from_secs(w.shutdown_grace_secs);
     tracing::info!(
         in_flight = batches.len(),
+        handed_back = leftover.len(),
         "stopped pulling; finishing in-flight batches"
     );
     if tokio::time::timeout(grace, async {
@@ -111,8 +138,44 @@ pub async fn consume(
     Ok(())
 }
 
+/// Redelivery delay for messages a stopping worker hands back: short, but not zero (a NAK
+/// without delay is redelivered at once, possibly to the same stopping worker).
+const HANDBACK_DELAY: Duration = Duration::from_millis(100);
+
+/// Messages the pull stream has already received, without waiting for more.
+fn drain_ready<S>(chunks: &mut S) -> Vec<jetstream::Message>
+where
+    S: futures::Stream<
+            Item = Vec<Result<jetstream::Message, jetstream::consumer::pull::MessagesError>>,
+        > + Unpin,
+{
+    let mut out = Vec::new();
+    while let Some(Some(chunk)) = chunks.next().now_or_never() {
+        out.extend(chunk.into_iter().flatten());
+    }
+    out
+}
+
 /// Classifies, writes and acknowledges one chunk. Exposed so tests can drive a single step.
+///
+/// While the transaction runs, every message of the chunk gets an in-progress ack each third of
+/// the ack wait, so a slow transaction (or the one-by-one fallback) is not redelivered to
+/// another worker half-way.
 pub async fn handle_batch(ctx: &Arc<Ctx>, msgs: Vec<jetstream::Message>) {
+    let msgs = Arc::new(msgs);
+    let heartbeat = {
+        let msgs = Arc::clone(&msgs);
+        let every = Duration::from_secs(ctx.settings.nats.consumer.ack_wait_secs) / 3;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            loop {
+                tick.tick().await;
+                for m in msgs.iter() {
+                    let _ = m.ack_with(AckKind::Progress).await;
+                }
+            }
+        })
+    };
     // Shared with the detached transaction without copying payloads.
     let items: Arc<Vec<Item>> = Arc::new(msgs.iter().map(|m| classify(m, &ctx.limits)).collect());
     for item in items.iter() {
@@ -141,9 +204,9 @@ pub async fn handle_batch(ctx: &Arc<Ctx>, msgs: Vec<jetstream::Message>) {
                 settle(ctx, msg, outcome).await;
             }
         }
-        Err(e) if db::is_transient(&e) => {
+        Err(e) if e.is_transient() => {
             tracing::warn!(error = %e, messages = msgs.len(), "transient database error; redelivering later");
-            for msg in &msgs {
+            for msg in msgs.iter() {
                 nak(ctx, msg).await;
             }
         }
@@ -156,6 +219,7 @@ pub async fn handle_batch(ctx: &Arc<Ctx>, msgs: Vec<jetstream::Message>) {
             }
         }
     }
+    heartbeat.abort();
 }
 
 async fn handle_one(ctx: &Arc<Ctx>, msg: &jetstream::Message, item: Item) {
@@ -164,7 +228,7 @@ async fn handle_one(ctx: &Arc<Ctx>, msg: &jetstream::Message, item: Item) {
     let result = db::detached(async move { persist::persist_batch(&pool, &one).await }).await;
     match result {
         Ok(outcomes) => settle(ctx, msg, outcomes[0]).await,
-        Err(e) if db::is_transient(&e) => nak(ctx, msg).await,
+        Err(e) if e.is_transient() => nak(ctx, msg).await,
         Err(e) => {
             tracing::error!(error = %e, message.key = %item.key, "message cannot be written; dead-lettering");
             let raw = match &item.kind {
@@ -179,16 +243,20 @@ async fn handle_one(ctx: &Arc<Ctx>, msg: &jetstream::Message, item: Item) {
             .await;
             match r {
                 Ok(()) => settle(ctx, msg, Outcome::DeadLettered).await,
-                Err(_) => nak(ctx, msg).await,
+                Err(e) => {
+                    // Never drop a message: keep it until the dead letter can be written.
+                    tracing::error!(error = %e, "dead letter could not be written; redelivering");
+                    nak(ctx, msg).await;
+                }
             }
         }
     }
 }
 
 /// The database's own words for a permanent failure, without values from the row.
-fn db_reason(e: &sqlx::Error) -> String {
+fn db_reason(e: &db::TxError) -> String {
     match e {
-        sqlx::Error::Database(d) => format!(
+        db::TxError::Db(sqlx::Error::Database(d)) => format!(
             "{} ({})",
             d.constraint().unwrap_or("no constraint"),
             d.code().as_deref().unwrap_or("no code")
@@ -256,7 +324,13 @@ pub fn classify(msg: &jetstream::Message, limits: &task::Limits) -> Item {
             i.delivered,
             i.published,
         ),
-        Err(_) => (String::new(), 0, 1, chrono::Utc::now()),
+        // Not a JetStream delivery (cannot happen on a pull consumer): key on the content.
+        Err(_) => (
+            format!("raw-{}", hex::encode(sha2::Sha256::digest(&msg.payload))),
+            0,
+            1,
+            chrono::DateTime::<chrono::Utc>::UNIX_EPOCH,
+        ),
     };
     let raw = Raw {
         subject: msg.subject.to_string(),
@@ -273,10 +347,7 @@ pub fn classify(msg: &jetstream::Message, limits: &task::Limits) -> Item {
         stored_at,
         &msg.payload,
     );
-    let fallback_key = || match &msg_id {
-        Some(id) if !id.is_empty() => format!("nats:{id}"),
-        _ => format!("seq:{stream}:{seq}"),
-    };
+    let fallback_key = || envelope::producer_key(msg_id.as_deref(), (&stream, seq), stored_at);
     match decoded {
         Err(e) => Item {
             key: fallback_key(),
@@ -325,7 +396,9 @@ fn headers_json(h: Option<&async_nats::HeaderMap>) -> serde_json::Value {
         for (name, values) in h.iter() {
             let vals: Vec<serde_json::Value> = values
                 .iter()
-                .map(|v| serde_json::Value::String(v.as_str().to_owned()))
+                // jsonb cannot hold NUL: a header that could not be stored would make the
+                // dead letter itself fail, and the message would be retried forever.
+                .map(|v| serde_json::Value::String(v.as_str().replace('\0', "\u{FFFD}")))
                 .collect();
             map.insert(name.to_string(), serde_json::Value::Array(vals));
         }

@@ -111,10 +111,12 @@ pub async fn persist_batch(pool: &PgPool, items: &[Item]) -> Result<Vec<Outcome>
             }
         }
     }
+    // Claim keys in key order: two batches holding the same keys then lock them in the same
+    // order and cannot deadlock each other.
     let firsts: Vec<usize> = {
-        let mut v: Vec<usize> = first_of_key.values().copied().collect();
+        let mut v: Vec<(&str, usize)> = first_of_key.into_iter().collect();
         v.sort_unstable();
-        v
+        v.into_iter().map(|(_, i)| i).collect()
     };
 
     let mut tx = pool.begin().await?;

@@ -10,6 +10,7 @@ use mahavishnu::read_api::Reply;
 use mahavishnu::task::{AuditEntry, Priority, Status, Task};
 use mahavishnu::{topology, ErrorCode};
 use std::sync::Arc;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -31,18 +32,30 @@ pub async fn serve(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::Result
         .endpoint(topology::SUBJECT_READ_AUDIT)
         .await
         .map_err(|e| anyhow::anyhow!("adding endpoint: {e}"))?;
+    // Reads share the pool with ingest; they get what ingest does not use, so a burst of reads
+    // cannot starve the transactions that persist tasks.
+    let s = &ctx.settings;
+    let permits = Arc::new(Semaphore::new(
+        (s.database.max_connections as usize)
+            .saturating_sub(s.worker.max_in_flight_batches)
+            .max(1),
+    ));
     loop {
         tokio::select! {
             Some(req) = get.next() => {
                 let ctx = ctx.clone();
+                let permits = permits.clone();
                 tokio::spawn(async move {
+                    let Ok(_permit) = permits.acquire_owned().await else { return };
                     let reply = get_task(&ctx, &req.message.payload).await;
                     respond(&ctx, "get", req, &reply).await;
                 });
             }
             Some(req) = audit.next() => {
                 let ctx = ctx.clone();
+                let permits = permits.clone();
                 tokio::spawn(async move {
+                    let Ok(_permit) = permits.acquire_owned().await else { return };
                     let reply = get_audit(&ctx, &req.message.payload).await;
                     respond(&ctx, "audit", req, &reply).await;
                 });

@@ -7,7 +7,7 @@ use crate::state::AppState;
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, FailedToBufferBody};
+use axum::extract::rejection::{BytesRejection, FailedToBufferBody, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -194,18 +194,18 @@ async fn publish(
 /// `GET /v1/tasks/{id}`.
 pub async fn get(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(&id)?;
+    let id = parse_id(id)?;
     read::<mahavishnu::task::Task>(&state, topology::SUBJECT_READ_TASK, id).await
 }
 
 /// `GET /v1/tasks/{id}/audit`.
 pub async fn audit(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(&id)?;
+    let id = parse_id(id)?;
     read::<Vec<mahavishnu::task::AuditEntry>>(&state, topology::SUBJECT_READ_AUDIT, id).await
 }
 
@@ -255,8 +255,9 @@ async fn read<T: serde::de::DeserializeOwned + Serialize>(
     }
 }
 
-fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw).map_err(|_| {
+fn parse_id(raw: Result<Path<String>, PathRejection>) -> Result<Uuid, ApiError> {
+    let raw = raw.map(|Path(p)| p).unwrap_or_default();
+    Uuid::parse_str(&raw).map_err(|_| {
         ApiError::new(ErrorCode::Validation, "the task id must be a UUID")
             .with_status(StatusCode::BAD_REQUEST)
     })
