@@ -198,6 +198,19 @@ pub fn decode(
             format!("nats:{p}")
         }
     };
+    // A bare task from a producer, whichever format it came in.
+    let external = |request: Result<TaskRequest, DecodeError>| {
+        let request = request?;
+        if msg_id.is_some_and(|m| !m.is_empty() && !valid_msg_id(m)) {
+            return Err(DecodeError::BadMessageId);
+        }
+        Ok(Incoming {
+            key: key.clone(),
+            principal: external_principal(),
+            accepted_at: stored_at,
+            request,
+        })
+    };
     let on_submit = subject == crate::topology::SUBJECT_TASKS_SUBMIT;
     if on_submit != (media == CONTENT_TYPE_ENVELOPE) {
         return Err(DecodeError::WrongSubject(if on_submit {
@@ -230,37 +243,19 @@ pub fn decode(
             })
         }
         CONTENT_TYPE_JSON | "text/json" => {
-            let request: TaskRequest =
+            external(
                 serde_json::from_slice(body).map_err(|e| DecodeError::Malformed {
                     kind: "json",
                     detail: e.to_string(),
-                })?;
-            if msg_id.is_some_and(|m| !m.is_empty() && !valid_msg_id(m)) {
-                return Err(DecodeError::BadMessageId);
-            }
-            Ok(Incoming {
-                key: key.clone(),
-                principal: external_principal(),
-                accepted_at: stored_at,
-                request,
-            })
+                }),
+            )
         }
-        CONTENT_TYPE_MSGPACK | "application/x-msgpack" | "application/vnd.msgpack" => {
-            let request: TaskRequest =
-                rmp_serde::from_slice(body).map_err(|e| DecodeError::Malformed {
-                    kind: "msgpack",
-                    detail: e.to_string(),
-                })?;
-            if msg_id.is_some_and(|m| !m.is_empty() && !valid_msg_id(m)) {
-                return Err(DecodeError::BadMessageId);
-            }
-            Ok(Incoming {
-                key: key.clone(),
-                principal: external_principal(),
-                accepted_at: stored_at,
-                request,
-            })
-        }
+        CONTENT_TYPE_MSGPACK | "application/x-msgpack" | "application/vnd.msgpack" => external(
+            rmp_serde::from_slice(body).map_err(|e| DecodeError::Malformed {
+                kind: "msgpack",
+                detail: e.to_string(),
+            }),
+        ),
         other => Err(DecodeError::UnsupportedMediaType(other.to_owned())),
     }
 }

@@ -145,6 +145,23 @@ pub fn generate_key() -> String {
     )
 }
 
+/// Start of every service binary: load and validate settings, then start telemetry. On a
+/// configuration error it prints the `MHV-001` message and returns exit code 2.
+pub fn service_settings(
+    config: Option<&std::path::Path>,
+) -> Result<Settings, std::process::ExitCode> {
+    match Settings::load(config) {
+        Ok(s) => {
+            crate::telemetry::init(&s.log, std::io::stderr);
+            Ok(s)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            Err(std::process::ExitCode::from(2))
+        }
+    }
+}
+
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

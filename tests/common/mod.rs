@@ -265,19 +265,24 @@ impl TestStack {
             .unwrap()
     }
 
+    /// The workers' consumer's current info, if the consumer exists.
+    pub async fn consumer_info(&self) -> Option<async_nats::jetstream::consumer::Info> {
+        let js = async_nats::jetstream::new(self.nats_client().await);
+        let mut c = js
+            .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+                &self.settings.nats.consumer.durable_name,
+                &self.settings.nats.stream.name,
+            )
+            .await
+            .ok()?;
+        c.info().await.ok().cloned()
+    }
+
     /// Asserts that the consumer has nothing pending or unacknowledged within `timeout`.
     pub async fn assert_drained(&self, timeout: Duration) {
-        let js = async_nats::jetstream::new(self.nats_client().await);
         let start = Instant::now();
         loop {
-            if let Ok(mut c) = js
-                .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
-                    &self.settings.nats.consumer.durable_name,
-                    &self.settings.nats.stream.name,
-                )
-                .await
-            {
-                let i = c.info().await.unwrap();
+            if let Some(i) = self.consumer_info().await {
                 if i.num_pending == 0 && i.num_ack_pending == 0 {
                     return;
                 }
@@ -295,19 +300,14 @@ impl TestStack {
 
     /// Waits until some worker has a pull request waiting on the consumer (it is consuming).
     pub async fn wait_pulling(&self) {
-        let js = async_nats::jetstream::new(self.nats_client().await);
         let start = Instant::now();
         loop {
-            if let Ok(mut c) = js
-                .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
-                    &self.settings.nats.consumer.durable_name,
-                    &self.settings.nats.stream.name,
-                )
+            if self
+                .consumer_info()
                 .await
+                .is_some_and(|i| i.num_waiting > 0)
             {
-                if c.info().await.unwrap().num_waiting > 0 {
-                    return;
-                }
+                return;
             }
             assert!(
                 start.elapsed() < Duration::from_secs(20),

@@ -15,14 +15,10 @@ struct Args {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let settings = match mahavishnu::config::Settings::load(args.config.as_deref()) {
+    let settings = match mahavishnu::cli::service_settings(args.config.as_deref()) {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("{e}");
-            return std::process::ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
-    mahavishnu::telemetry::init(&settings.log, std::io::stderr);
     let shutdown = tokio_util::sync::CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
