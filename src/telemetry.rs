@@ -25,3 +25,11 @@ where
         LogFormat::Pretty => builder.compact().try_init(),
     };
 }
+
+/// Prometheus text exposition of a registry, for the `/metrics` endpoints of every process.
+pub fn render_metrics(registry: &prometheus::Registry) -> String {
+    use prometheus::Encoder as _;
+    let mut buf = Vec::new();
+    let _ = prometheus::TextEncoder::new().encode(&registry.gather(), &mut buf);
+    String::from_utf8(buf).unwrap_or_default()
+}

@@ -5,7 +5,7 @@
 mod common;
 
 use common::TestStack;
-use mahavishnu::devstack::postgres::send_signal;
+use mahavishnu::devstack::send_signal;
 use mahavishnu::topology::SUBJECT_TASKS_CREATE;
 use std::time::{Duration, Instant};
 

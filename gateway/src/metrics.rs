@@ -89,9 +89,6 @@ impl Metrics {
 
     /// Text exposition.
     pub fn render(&self) -> String {
-        use prometheus::Encoder as _;
-        let mut buf = Vec::new();
-        let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf);
-        String::from_utf8(buf).unwrap_or_default()
+        mahavishnu::telemetry::render_metrics(&self.registry)
     }
 }

@@ -40,7 +40,7 @@ pub struct BenchArgs {
 struct Proc(Child);
 impl Drop for Proc {
     fn drop(&mut self) {
-        super::super::devstack::postgres::terminate(&mut self.0, Duration::from_secs(20));
+        crate::devstack::terminate(&mut self.0, Duration::from_secs(20));
     }
 }
 

@@ -132,7 +132,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench::run(load()?, args).await,
-        Command::Up(args) => up::run(load()?, cli.config.as_deref(), args).await,
+        Command::Up(args) => up::run(load()?, args).await,
     }
 }
 

@@ -34,18 +34,14 @@ struct Children(Vec<(String, Child)>);
 impl Drop for Children {
     fn drop(&mut self) {
         for (name, child) in self.0.iter_mut().rev() {
-            devstack::postgres::terminate(child, Duration::from_secs(30));
+            devstack::terminate(child, Duration::from_secs(30));
             eprintln!("stopped {name}");
         }
     }
 }
 
 /// Runs `mhv up`.
-pub async fn run(
-    mut settings: Settings,
-    _config: Option<&Path>,
-    args: UpArgs,
-) -> anyhow::Result<()> {
+pub async fn run(mut settings: Settings, args: UpArgs) -> anyhow::Result<()> {
     let data = std::path::absolute(&args.data_dir)?;
     std::fs::create_dir_all(&data)?;
 

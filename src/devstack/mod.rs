@@ -6,6 +6,7 @@ pub mod nats;
 pub mod postgres;
 
 use std::net::{TcpListener, TcpStream};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 /// A port that was free a moment ago on 127.0.0.1.
@@ -38,4 +39,30 @@ pub fn wait_for_port(addr: &str, timeout: Duration) -> bool {
 /// project installed under `.tools/`.
 pub fn checkout_root() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Sends SIGTERM, waits up to `grace`, then SIGKILL.
+pub fn terminate(child: &mut Child, grace: Duration) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        send_signal(pid, libc::SIGTERM);
+    }
+    let start = Instant::now();
+    while start.elapsed() < grace {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Sends a signal to a process.
+pub fn send_signal(pid: i32, signal: i32) {
+    // The one place we call into libc: std has no portable way to send SIGTERM/SIGSTOP.
+    #[allow(unsafe_code)]
+    // SAFETY: kill(2) takes plain integers and has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid, signal);
+    }
 }

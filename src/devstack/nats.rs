@@ -129,7 +129,7 @@ impl NatsServer {
     /// Graceful stop (SIGTERM), waiting up to 10 s before SIGKILL.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            super::postgres::terminate(&mut c, Duration::from_secs(10));
+            super::terminate(&mut c, Duration::from_secs(10));
         }
     }
 

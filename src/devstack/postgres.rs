@@ -1,37 +1,12 @@
 //! PostgreSQL for local use: a fresh, migrated database per test, and a throwaway cluster for
 //! `mhv up` when nothing answers at the configured address.
 
+use super::{send_signal, terminate};
 use anyhow::{bail, Context as _};
 use sqlx::{Connection, Executor, PgConnection, PgPool};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-/// Sends SIGTERM, waits up to `grace`, then SIGKILL.
-pub fn terminate(child: &mut Child, grace: Duration) {
-    if let Ok(pid) = i32::try_from(child.id()) {
-        send_signal(pid, libc::SIGTERM);
-    }
-    let start = Instant::now();
-    while start.elapsed() < grace {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// Sends a signal to a process.
-pub fn send_signal(pid: i32, signal: i32) {
-    // The one place we call into libc: std has no portable way to send SIGTERM/SIGSTOP.
-    #[allow(unsafe_code)]
-    // SAFETY: kill(2) takes plain integers and has no memory-safety preconditions.
-    unsafe {
-        libc::kill(pid, signal);
-    }
-}
+use std::time::Duration;
 
 /// The server URL tests use: `$MHV_TEST_DATABASE_URL`, default the local trust-auth server.
 pub fn admin_url() -> String {

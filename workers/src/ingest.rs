@@ -231,14 +231,10 @@ async fn handle_one(ctx: &Arc<Ctx>, msg: &jetstream::Message, item: Item) {
         Err(e) if e.is_transient() => nak(ctx, msg).await,
         Err(e) => {
             tracing::error!(error = %e, message.key = %item.key, "message cannot be written; dead-lettering");
-            let raw = match &item.kind {
-                ItemKind::Task { raw, .. } | ItemKind::Poison { raw, .. } => raw.clone(),
-            };
             let pool = ctx.pool.clone();
             let reason = format!("the database refused the task: {}", db_reason(&e));
             let r = db::detached(async move {
-                persist::dead_letter_one(&pool, &item, &raw, ErrorCode::TaskCreationFailed, reason)
-                    .await
+                persist::dead_letter_one(&pool, &item, ErrorCode::TaskCreationFailed, reason).await
             })
             .await;
             match r {

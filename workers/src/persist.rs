@@ -57,6 +57,15 @@ pub enum ItemKind {
     },
 }
 
+impl Item {
+    /// The message as received.
+    pub fn raw(&self) -> &Raw {
+        match &self.kind {
+            ItemKind::Task { raw, .. } | ItemKind::Poison { raw, .. } => raw,
+        }
+    }
+}
+
 /// A message as received, for dead letters.
 #[derive(Debug, Clone)]
 pub struct Raw {
@@ -261,10 +270,10 @@ pub async fn persist_batch(pool: &PgPool, items: &[Item]) -> Result<Vec<Outcome>
 pub async fn dead_letter_one(
     pool: &PgPool,
     item: &Item,
-    raw: &Raw,
     code: ErrorCode,
     reason: String,
 ) -> Result<(), sqlx::Error> {
+    let raw = item.raw();
     let mut tx = pool.begin().await?;
     insert_dead_letters(
         &mut tx,
