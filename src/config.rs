@@ -30,6 +30,8 @@ pub struct Settings {
     pub gateway: GatewaySettings,
     /// Worker processes.
     pub worker: WorkerSettings,
+    /// Webhook sources, their secrets and routing rules.
+    pub webhooks: WebhookSettings,
     /// Logging.
     pub log: LogSettings,
 }
@@ -193,6 +195,9 @@ pub struct GatewaySettings {
     pub max_in_flight_requests: usize,
     /// API keys allowed to call the task API.
     pub api_keys: Vec<ApiKeySettings>,
+    /// Webhook bodies the gateway may hold in memory at once, across all requests. A delivery
+    /// that would exceed it is answered 503 (MHV-013) before its body is read.
+    pub webhook_max_buffered_bytes: usize,
 }
 
 impl Default for GatewaySettings {
@@ -204,6 +209,7 @@ impl Default for GatewaySettings {
             body_limit_bytes: 64 * 1024,
             max_in_flight_requests: 4_096,
             api_keys: Vec::new(),
+            webhook_max_buffered_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -239,6 +245,188 @@ impl Default for WorkerSettings {
             shutdown_grace_secs: 25,
         }
     }
+}
+
+/// Webhook ingestion settings (see docs/webhooks.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookSettings {
+    /// Days the delivery ledger (PostgreSQL rows and the JetStream KV front) remembers a
+    /// delivery. A delivery older than this is no longer recognised as a duplicate.
+    pub ledger_retention_days: u32,
+    /// JetStream KV bucket the gateway checks synchronously (duplicate or tampered delivery id).
+    pub ledger_bucket: String,
+    /// JetStream object store bucket for bodies too large for one message (claim-check).
+    pub body_bucket: String,
+    /// How long a claim-checked body is kept if no worker deletes it (workers delete it once the
+    /// delivery is committed; this bounds what an outage or a lost publish can leave behind).
+    pub claim_check_max_age_hours: u64,
+    /// Sources by name: `POST /v1/webhooks/{name}`.
+    pub sources: std::collections::BTreeMap<String, WebhookSource>,
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        Self {
+            ledger_retention_days: 30,
+            ledger_bucket: "MHV_WEBHOOK_LEDGER".into(),
+            body_bucket: "MHV_WEBHOOK_BODIES".into(),
+            claim_check_max_age_hours: 7 * 24,
+            sources: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+/// How a sender signs its deliveries.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookScheme {
+    /// `X-Hub-Signature-256` over the body; `X-GitHub-Delivery`, `X-GitHub-Event`.
+    Github,
+    /// `X-Gitlab-Token`; `X-Gitlab-Event-UUID`, `X-Gitlab-Event`.
+    Gitlab,
+    /// Standard Webhooks: `webhook-id`, `webhook-timestamp`, `webhook-signature`.
+    Standard,
+}
+
+impl WebhookScheme {
+    /// The configuration spelling.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Github => "github",
+            Self::Gitlab => "gitlab",
+            Self::Standard => "standard",
+        }
+    }
+}
+
+/// One webhook source.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSource {
+    /// Signature scheme.
+    pub scheme: WebhookScheme,
+    /// Active secrets (several during a rotation). Each verifies until its `expires_at`.
+    pub secrets: Vec<WebhookSecret>,
+    /// Largest body accepted, enforced while reading. GitHub caps payloads at 25 MB.
+    #[serde(default = "default_webhook_body_limit")]
+    pub body_limit_bytes: usize,
+    /// Standard Webhooks: largest distance between the signed timestamp and now, either way.
+    #[serde(default = "default_webhook_tolerance")]
+    pub tolerance_secs: u64,
+    /// Routing rules, tried in order; the first that matches makes the task.
+    #[serde(default)]
+    pub rules: Vec<WebhookRule>,
+}
+
+fn default_webhook_body_limit() -> usize {
+    25 * 1024 * 1024
+}
+fn default_webhook_tolerance() -> u64 {
+    300
+}
+
+/// One secret of a source: inline (`secret`) or read from an environment variable (`env`).
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSecret {
+    /// Operator-chosen id, reported in metrics and the delivery ledger (never the secret).
+    pub id: String,
+    /// The secret itself (Standard Webhooks: `whsec_<base64>`).
+    #[serde(default, serialize_with = "serialize_opt_redacted")]
+    pub secret: Option<SecretString>,
+    /// Name of an environment variable holding the secret (not an `MHV_` one).
+    #[serde(default)]
+    pub env: Option<String>,
+    /// After this instant the secret verifies nothing (RFC 3339).
+    #[serde(default)]
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl std::fmt::Debug for WebhookSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookSecret")
+            .field("id", &self.id)
+            .field("secret", &self.secret.as_ref().map(|_| "[REDACTED]"))
+            .field("env", &self.env)
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+impl WebhookSecret {
+    /// The secret's value: inline, or from its environment variable.
+    pub fn value(&self) -> Result<String, ConfigError> {
+        match (&self.secret, &self.env) {
+            (Some(s), None) => Ok(s.expose_secret().to_owned()),
+            (None, Some(var)) => match std::env::var(var) {
+                Ok(v) if !v.is_empty() => Ok(v),
+                _ => Err(ConfigError(format!(
+                    "webhook secret {:?}: environment variable {var} is not set",
+                    self.id
+                ))),
+            },
+            _ => Err(ConfigError(format!(
+                "webhook secret {:?}: set exactly one of `secret` and `env`",
+                self.id
+            ))),
+        }
+    }
+}
+
+fn serialize_opt_redacted<S: serde::Serializer>(
+    s: &Option<SecretString>,
+    ser: S,
+) -> Result<S::Ok, S::Error> {
+    match s {
+        Some(_) => ser.serialize_some("[REDACTED]"),
+        None => ser.serialize_none(),
+    }
+}
+
+/// A routing rule: which deliveries it matches and the task it makes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookRule {
+    /// Rule name (recorded with each delivery it routes).
+    pub name: String,
+    /// Event name: `X-GitHub-Event` (`issues`), `X-Gitlab-Event` (`Issue Hook`), or the body's
+    /// `type` for Standard Webhooks.
+    pub event: String,
+    /// Any of these actions (GitHub `action`, GitLab `object_attributes.action`); empty: any.
+    #[serde(default)]
+    pub actions: Vec<String>,
+    /// Any of these labels on the issue or merge/pull request; empty: any.
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// Any of these branches (`$default` is the repository's default branch); empty: any.
+    #[serde(default)]
+    pub branches: Vec<String>,
+    /// The task to create.
+    pub task: WebhookTaskTemplate,
+}
+
+/// A task template. `{dotted.path}` is replaced by that field of the JSON payload
+/// (`{issue.title}`, `{repository.name}`); `{{` and `}}` are literal braces.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookTaskTemplate {
+    /// Title template.
+    pub title: String,
+    /// Repository template; the result is validated like any task's repository.
+    pub repository: String,
+    /// Description template.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// low | medium | high | critical.
+    #[serde(default)]
+    pub priority: Option<String>,
+    /// Named action of the repository to run (stored in the task's metadata as `action`).
+    #[serde(default)]
+    pub action: Option<String>,
+    /// Tags (literal).
+    #[serde(default)]
+    pub tags: Vec<String>,
 }
 
 /// Logging settings.
@@ -433,6 +621,17 @@ impl Settings {
                 n.publish_ack_timeout_ms, n.request_timeout_ms, g.request_timeout_ms
             ));
         }
+        if let Some((name, _)) = self
+            .webhooks
+            .sources
+            .iter()
+            .find(|(_, src)| src.body_limit_bytes > g.webhook_max_buffered_bytes)
+        {
+            return err(format!(
+                "webhooks.sources.{name}.body_limit_bytes exceeds gateway.webhook_max_buffered_bytes ({}): its largest deliveries could never be accepted",
+                g.webhook_max_buffered_bytes
+            ));
+        }
         if g.max_in_flight_requests == 0 {
             return err("gateway.max_in_flight_requests must be > 0".into());
         }
@@ -457,6 +656,91 @@ impl Settings {
             }
             if !names.insert(&k.name) {
                 return err(format!("gateway.api_keys name {:?} appears twice", k.name));
+            }
+        }
+        self.validate_webhooks()
+    }
+
+    fn validate_webhooks(&self) -> Result<(), ConfigError> {
+        let err = |m: String| Err(ConfigError(m));
+        let w = &self.webhooks;
+        if w.ledger_retention_days == 0 {
+            return err("webhooks.ledger_retention_days must be > 0".into());
+        }
+        if w.claim_check_max_age_hours == 0 {
+            return err("webhooks.claim_check_max_age_hours must be > 0".into());
+        }
+        for (field, bucket) in [
+            ("ledger_bucket", &w.ledger_bucket),
+            ("body_bucket", &w.body_bucket),
+        ] {
+            if !crate::task::validate::is_valid_repository(bucket, 64) {
+                return err(format!(
+                    "webhooks.{field} must match ^[A-Za-z0-9_-]{{1,64}}$"
+                ));
+            }
+        }
+        for (name, src) in &w.sources {
+            let at = format!("webhooks.sources.{name}");
+            if !crate::task::validate::is_valid_repository(name, 64) {
+                return err(format!(
+                    "{at}: the source name must match ^[A-Za-z0-9_-]{{1,64}}$"
+                ));
+            }
+            if src.secrets.is_empty() {
+                return err(format!("{at}.secrets must list at least one secret"));
+            }
+            let mut ids = std::collections::HashSet::new();
+            for sec in &src.secrets {
+                if sec.id.is_empty()
+                    || sec.id.len() > 64
+                    || !sec
+                        .id
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+                {
+                    return err(format!(
+                        "{at}.secrets id {:?} must be 1-64 of A-Z a-z 0-9 _ - .",
+                        sec.id
+                    ));
+                }
+                if !ids.insert(&sec.id) {
+                    return err(format!("{at}.secrets id {:?} appears twice", sec.id));
+                }
+                if let Some(var) = &sec.env {
+                    if var.to_ascii_uppercase().starts_with("MHV_") {
+                        return err(format!("{at}.secrets {:?}: env {var} must not start with MHV_ (those are settings)", sec.id));
+                    }
+                }
+                if sec.secret.is_some() == sec.env.is_some() {
+                    return err(format!(
+                        "{at}.secrets {:?}: set exactly one of `secret` and `env`",
+                        sec.id
+                    ));
+                }
+                if let (Some(s), WebhookScheme::Standard) = (&sec.secret, src.scheme) {
+                    if crate::webhooks::Secret::standard(&sec.id, s.expose_secret(), None).is_none()
+                    {
+                        return err(format!("{at}.secrets {:?}: a Standard Webhooks secret is whsec_ followed by base64", sec.id));
+                    }
+                }
+            }
+            if src.body_limit_bytes < 1024 || src.body_limit_bytes > 256 * 1024 * 1024 {
+                return err(format!(
+                    "{at}.body_limit_bytes must be within 1 KiB..=256 MiB"
+                ));
+            }
+            if src.tolerance_secs == 0 || src.tolerance_secs > 86_400 {
+                return err(format!("{at}.tolerance_secs must be within 1..=86400"));
+            }
+            let mut rules = std::collections::HashSet::new();
+            for r in &src.rules {
+                if !rules.insert(&r.name) {
+                    return err(format!("{at}.rules name {:?} appears twice", r.name));
+                }
+                if let Err(e) = crate::webhooks::route::check_rule(r) {
+                    return err(format!("{at}.rules {:?}: {e}", r.name));
+                }
             }
         }
         Ok(())

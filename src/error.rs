@@ -43,6 +43,8 @@ pub enum ErrorCode {
     Internal,
     /// MHV-013: the gateway is at its in-flight request limit.
     Overloaded,
+    /// MHV-014: a stored (claim-checked) webhook body is gone before a worker processed it.
+    StoredBodyMissing,
     /// MHV-100: no task with that id.
     TaskNotFound,
     /// MHV-101: the task could not be created.
@@ -71,6 +73,12 @@ pub enum ErrorCode {
     GitHubApi,
     /// MHV-303: GitLab API error.
     GitLabApi,
+    /// MHV-304: the webhook's signed timestamp is outside the tolerance.
+    WebhookTimestampOutOfTolerance,
+    /// MHV-305: no webhook source with that name is configured.
+    WebhookSourceNotFound,
+    /// MHV-306: a required webhook header is missing or malformed.
+    WebhookHeaderInvalid,
 }
 
 /// Everything the catalog knows about one code.
@@ -104,6 +112,7 @@ impl ErrorCode {
         Self::MalformedBody,
         Self::Internal,
         Self::Overloaded,
+        Self::StoredBodyMissing,
         Self::TaskNotFound,
         Self::TaskCreationFailed,
         Self::TaskUpdateFailed,
@@ -118,6 +127,9 @@ impl ErrorCode {
         Self::WebhookReplay,
         Self::GitHubApi,
         Self::GitLabApi,
+        Self::WebhookTimestampOutOfTolerance,
+        Self::WebhookSourceNotFound,
+        Self::WebhookHeaderInvalid,
     ];
 
     /// The catalog entry.
@@ -150,6 +162,8 @@ impl ErrorCode {
                 "Retry later; if it persists, report the time, endpoint and code to an operator (the gateway log has the cause)."),
             Overloaded => ("MHV-013", "gateway overloaded", 503, true,
                 "Retry after the number of seconds in `Retry-After`; operators: scale the gateway or raise gateway.max_in_flight_requests."),
+            StoredBodyMissing => ("MHV-014", "stored webhook body missing", 500, false,
+                "The claim-checked body expired from the object store before a worker processed it (workers were down longer than webhooks.claim_check_max_age_hours). Ask the sender to redeliver; operators: see runbooks/webhooks.md."),
             TaskNotFound => ("MHV-100", "task not found", 404, false,
                 "Check the id. A task accepted a moment ago may still be queued: retry after a short delay."),
             TaskCreationFailed => ("MHV-101", "task creation failed", 500, false,
@@ -173,11 +187,17 @@ impl ErrorCode {
             WebhookSignatureInvalid => ("MHV-300", "webhook signature invalid", 401, false,
                 "Check the webhook secret configured at the sender matches an active secret of the source."),
             WebhookReplay => ("MHV-301", "webhook replay detected", 409, false,
-                "Send each delivery once; redeliver with the same delivery id and body."),
+                "This delivery id was already used with a different body; the first body stands and the attempt is audited. Senders: never reuse a delivery id for new content. Operators: see runbooks/webhooks.md (tampering)."),
             GitHubApi => ("MHV-302", "GitHub API error", 502, true,
                 "Retried automatically; check GitHub status and the token's scopes."),
             GitLabApi => ("MHV-303", "GitLab API error", 502, true,
                 "Retried automatically; check GitLab status and the token's scopes."),
+            WebhookTimestampOutOfTolerance => ("MHV-304", "webhook timestamp outside tolerance", 401, false,
+                "The signed timestamp is too far from the receiver's clock. Senders: sign with the current time and check the clock (NTP); a captured delivery cannot be replayed later. Operators: webhooks.sources.<name>.tolerance_secs sets the window."),
+            WebhookSourceNotFound => ("MHV-305", "webhook source not found", 404, false,
+                "Check the URL: POST /v1/webhooks/<source> with a source configured under webhooks.sources (`mhv webhooks list`)."),
+            WebhookHeaderInvalid => ("MHV-306", "webhook header missing or malformed", 400, false,
+                "Send the headers the source's scheme requires (delivery id, event, timestamp); the message names the header. See docs/webhooks.md."),
         };
         CodeInfo {
             code,
@@ -271,6 +291,8 @@ mod tests {
         }
         assert_eq!(ErrorCode::RepositoryNotFound.as_str(), "MHV-200");
         assert_eq!(ErrorCode::WebhookSignatureInvalid.as_str(), "MHV-300");
+        assert_eq!(ErrorCode::WebhookHeaderInvalid.as_str(), "MHV-306");
+        assert_eq!(ErrorCode::ALL.len(), 31);
         assert!(ErrorCode::BrokerUnavailable.is_transient());
         assert!(!ErrorCode::Validation.is_transient());
     }

@@ -14,9 +14,22 @@ pub const SUBJECT_TASKS_CREATE: &str = "mhv.tasks.create";
 /// permissions can let only the gateway publish here: the envelope names the principal, and
 /// whoever can publish an envelope can claim any principal.
 pub const SUBJECT_TASKS_SUBMIT: &str = "mhv.tasks.submit";
+/// Subject for verified webhook deliveries (gateway only: the headers name the source and the
+/// secret that verified it).
+pub const SUBJECT_WEBHOOK_DELIVER: &str = "mhv.webhooks.deliver";
+/// Subject for the gateway's reports of refused, tampered deliveries (audited by workers).
+pub const SUBJECT_WEBHOOK_TAMPERED: &str = "mhv.webhooks.tampered";
+/// Subject for operator-forced redeliveries of a stored delivery (`mhv webhooks redeliver`).
+pub const SUBJECT_WEBHOOK_REDELIVER: &str = "mhv.webhooks.redeliver";
 /// Subjects the task stream captures: exactly those its consumer reads. A wildcard would store
 /// stray publishes (`mhv.tasks.typo`) in a work-queue stream that nothing ever drains.
-pub const STREAM_SUBJECTS: [&str; 2] = [SUBJECT_TASKS_CREATE, SUBJECT_TASKS_SUBMIT];
+pub const STREAM_SUBJECTS: [&str; 5] = [
+    SUBJECT_TASKS_CREATE,
+    SUBJECT_TASKS_SUBMIT,
+    SUBJECT_WEBHOOK_DELIVER,
+    SUBJECT_WEBHOOK_TAMPERED,
+    SUBJECT_WEBHOOK_REDELIVER,
+];
 /// Name of the NATS service (micro) the workers expose for reads.
 pub const READ_SERVICE_NAME: &str = "mhv-tasks";
 /// Queue group of the read service: every worker replica joins it.
@@ -51,7 +64,7 @@ pub fn consumer_config(n: &NatsSettings) -> consumer::pull::Config {
     consumer::pull::Config {
         durable_name: Some(c.durable_name.clone()),
         description: Some("Mahavishnu workers: persist and audit tasks".into()),
-        filter_subjects: vec![SUBJECT_TASKS_CREATE.into(), SUBJECT_TASKS_SUBMIT.into()],
+        filter_subjects: STREAM_SUBJECTS.iter().map(|s| (*s).to_owned()).collect(),
         ack_policy: consumer::AckPolicy::Explicit,
         deliver_policy: consumer::DeliverPolicy::All,
         ack_wait: Duration::from_secs(c.ack_wait_secs),
@@ -91,6 +104,62 @@ pub async fn ensure(
         .await
         .with_context(|| format!("creating or updating consumer {}", n.consumer.durable_name))?;
     Ok(consumer)
+}
+
+/// The webhook stores: the ledger's KV front and the claim-check body bucket. Opened if they
+/// exist, created otherwise; safe to call from every process at once.
+pub async fn webhook_stores(
+    js: &jetstream::Context,
+    s: &crate::config::Settings,
+) -> anyhow::Result<(jetstream::kv::Store, jetstream::object_store::ObjectStore)> {
+    use anyhow::Context as _;
+    let w = &s.webhooks;
+    let kv = match js.get_key_value(&w.ledger_bucket).await {
+        Ok(kv) => kv,
+        Err(_) => match js
+            .create_key_value(jetstream::kv::Config {
+                bucket: w.ledger_bucket.clone(),
+                description: "Mahavishnu webhook ledger front: delivery id -> body hash".into(),
+                history: 1,
+                max_age: Duration::from_secs(u64::from(w.ledger_retention_days) * 86_400),
+                num_replicas: s.nats.stream.replicas,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(kv) => kv,
+            // Another process created it between our get and create.
+            Err(e) => js
+                .get_key_value(&w.ledger_bucket)
+                .await
+                .map_err(|_| e)
+                .with_context(|| format!("creating KV bucket {}", w.ledger_bucket))?,
+        },
+    };
+    let objects = match js.get_object_store(&w.body_bucket).await {
+        Ok(o) => o,
+        Err(_) => match js
+            .create_object_store(jetstream::object_store::Config {
+                bucket: w.body_bucket.clone(),
+                description: Some("Mahavishnu claim-checked webhook bodies".into()),
+                max_age: Duration::from_secs(w.claim_check_max_age_hours * 3_600),
+                num_replicas: s.nats.stream.replicas,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(o) => o,
+            // Another process created it between our get and create.
+            Err(e) => js
+                .get_object_store(&w.body_bucket)
+                .await
+                .map_err(|_| e)
+                .with_context(|| format!("creating object store {}", w.body_bucket))?,
+        },
+    };
+    Ok((kv, objects))
 }
 
 /// Connects to NATS with the options every Mahavishnu process uses: a name, retries on the

@@ -61,8 +61,17 @@ async fn watch_topology(state: AppState) {
         let ready = if !connected {
             false
         } else if !ensured {
-            match topology::ensure_stream(state.js(), &state.settings().nats).await {
-                Ok(_) => {
+            let ensure = async {
+                topology::ensure_stream(state.js(), &state.settings().nats).await?;
+                if state.has_webhook_sources() {
+                    let (ledger, bodies) =
+                        topology::webhook_stores(state.js(), state.settings()).await?;
+                    state.set_webhook_stores(Some(state::WebhookStores { ledger, bodies }));
+                }
+                anyhow::Ok(())
+            };
+            match ensure.await {
+                Ok(()) => {
                     ensured = true;
                     true
                 }

@@ -26,6 +26,13 @@ pub struct Metrics {
     pub publish_failures_total: IntCounterVec,
     /// `mhv_gateway_nats_connected` (1 or 0).
     pub nats_connected: IntGauge,
+    /// `mhv_webhook_deliveries_total{source,outcome}`: accepted, duplicate, tampered,
+    /// bad_signature, bad_timestamp, bad_header, too_large, unavailable, overloaded.
+    pub webhook_deliveries_total: IntCounterVec,
+    /// `mhv_webhook_verified_total{source,secret_id}`: which secret verified each delivery.
+    pub webhook_verified_total: IntCounterVec,
+    /// `mhv_webhook_claim_checked_total{source}`: bodies stored in the object store.
+    pub webhook_claim_checked_total: IntCounterVec,
     repos: Mutex<HashSet<String>>,
 }
 
@@ -64,6 +71,24 @@ impl Metrics {
             nats_connected: register_int_gauge_with_registry!(
                 "mhv_gateway_nats_connected",
                 "1 while the gateway's NATS connection is up",
+                registry
+            )?,
+            webhook_deliveries_total: register_int_counter_vec_with_registry!(
+                "mhv_webhook_deliveries_total",
+                "Webhook deliveries received, by source and outcome",
+                &["source", "outcome"],
+                registry
+            )?,
+            webhook_verified_total: register_int_counter_vec_with_registry!(
+                "mhv_webhook_verified_total",
+                "Webhook deliveries verified, by source and the id of the secret that matched",
+                &["source", "secret_id"],
+                registry
+            )?,
+            webhook_claim_checked_total: register_int_counter_vec_with_registry!(
+                "mhv_webhook_claim_checked_total",
+                "Webhook bodies too large for one message, stored in the object store",
+                &["source"],
                 registry
             )?,
             registry,

@@ -1,4 +1,4 @@
-//! The verifiers. See shared protocol facts in docs/webhooks.md (to come) and the official test
+//! The verifiers. Protocol facts are in docs/webhooks.md; the official test
 //! vectors in the tests below.
 
 use base64::Engine as _;

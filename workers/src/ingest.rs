@@ -102,10 +102,18 @@ pub async fn consume(
                 continue;
             }
             errors_in_a_row = 0;
+            let (hooks, msgs): (Vec<_>, Vec<_>) = msgs
+                .into_iter()
+                .partition(|m| crate::webhooks::is_webhook_subject(&m.subject));
             let ctx = ctx.clone();
             batches.spawn(async move {
                 let _permit = permit;
-                handle_batch(&ctx, msgs).await;
+                if !hooks.is_empty() {
+                    crate::webhooks::handle_messages(&ctx, hooks).await;
+                }
+                if !msgs.is_empty() {
+                    handle_batch(&ctx, msgs).await;
+                }
             });
             while let Some(r) = batches.try_join_next() {
                 if let Err(e) = r {
@@ -163,19 +171,7 @@ where
 /// another worker half-way.
 pub async fn handle_batch(ctx: &Arc<Ctx>, msgs: Vec<jetstream::Message>) {
     let msgs = Arc::new(msgs);
-    let heartbeat = {
-        let msgs = Arc::clone(&msgs);
-        let every = Duration::from_secs(ctx.settings.nats.consumer.ack_wait_secs) / 3;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-            loop {
-                tick.tick().await;
-                for m in msgs.iter() {
-                    let _ = m.ack_with(AckKind::Progress).await;
-                }
-            }
-        })
-    };
+    let heartbeat = heartbeat(ctx, Arc::clone(&msgs));
     // Shared with the detached transaction without copying payloads.
     let items: Arc<Vec<Item>> = Arc::new(msgs.iter().map(|m| classify(m, &ctx.limits)).collect());
     for item in items.iter() {
@@ -220,6 +216,20 @@ pub async fn handle_batch(ctx: &Arc<Ctx>, msgs: Vec<jetstream::Message>) {
         }
     }
     heartbeat.abort();
+}
+
+/// Sends an in-progress ack for every message each third of the ack wait until aborted.
+pub fn heartbeat(ctx: &Ctx, msgs: Arc<Vec<jetstream::Message>>) -> tokio::task::JoinHandle<()> {
+    let every = Duration::from_secs(ctx.settings.nats.consumer.ack_wait_secs) / 3;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            tick.tick().await;
+            for m in msgs.iter() {
+                let _ = m.ack_with(AckKind::Progress).await;
+            }
+        }
+    })
 }
 
 async fn handle_one(ctx: &Arc<Ctx>, msg: &jetstream::Message, item: Item) {
@@ -292,7 +302,8 @@ pub fn nak_delay(w: &mahavishnu::config::WorkerSettings, deliveries: i64) -> Dur
         .unwrap_or(Duration::from_millis(w.nak_max_delay_ms))
 }
 
-async fn nak(ctx: &Ctx, msg: &jetstream::Message) {
+/// NAKs with the backoff delay for the message's delivery count.
+pub async fn nak(ctx: &Ctx, msg: &jetstream::Message) {
     ctx.metrics
         .messages_total
         .with_label_values(&["retried"])
@@ -386,7 +397,8 @@ pub fn classify(msg: &jetstream::Message, limits: &task::Limits) -> Item {
     }
 }
 
-fn headers_json(h: Option<&async_nats::HeaderMap>) -> serde_json::Value {
+/// Headers as a JSON object of arrays (NUL replaced: jsonb cannot hold it).
+pub fn headers_json(h: Option<&async_nats::HeaderMap>) -> serde_json::Value {
     let mut map = serde_json::Map::new();
     if let Some(h) = h {
         for (name, values) in h.iter() {

@@ -14,6 +14,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod persist;
 pub mod reads;
+pub mod webhooks;
 
 use anyhow::Context as _;
 use mahavishnu::config::Settings;
@@ -31,10 +32,28 @@ pub struct Ctx {
     pub pool: sqlx::PgPool,
     /// NATS client.
     pub nats: async_nats::Client,
+    /// JetStream context.
+    pub js: async_nats::jetstream::Context,
+    /// The claim-check body bucket, opened on first use.
+    pub webhook_bodies: LazyBodies,
     /// Metrics.
     pub metrics: metrics::Metrics,
     /// Task field limits.
     pub limits: Limits,
+}
+
+/// The claim-check body bucket, opened on first use (ObjectStore has no `Debug`).
+#[derive(Default)]
+pub struct LazyBodies(pub tokio::sync::OnceCell<async_nats::jetstream::object_store::ObjectStore>);
+
+impl std::fmt::Debug for LazyBodies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.initialized() {
+            "LazyBodies(open)"
+        } else {
+            "LazyBodies(unopened)"
+        })
+    }
 }
 
 /// Runs a worker until `shutdown` is cancelled.
@@ -48,6 +67,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         settings,
         pool,
         nats,
+        js: js.clone(),
+        webhook_bodies: LazyBodies::default(),
     });
 
     let metrics_server = if ctx.settings.worker.metrics_listen.is_empty() {
@@ -57,8 +78,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     };
 
     let reads = tokio::spawn(reads::serve(ctx.clone(), shutdown.clone()));
+    let pruner = tokio::spawn(webhooks::prune(ctx.clone(), shutdown.clone()));
     let consumed = ingest::consume(ctx.clone(), js, shutdown.clone()).await;
     shutdown.cancel();
+    let _ = pruner.await;
     if let Ok(Err(e)) = reads.await {
         tracing::warn!(error = %format!("{e:#}"), "read service ended with an error");
     }

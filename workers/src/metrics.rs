@@ -22,6 +22,9 @@ pub struct Metrics {
     pub reads_total: IntCounterVec,
     /// `mhv_worker_up` (1 while consuming).
     pub up: IntGauge,
+    /// `mhv_webhook_deliveries_processed_total{source,verdict}`: task_created, no_match, invalid,
+    /// duplicate, replayed, tampered, redelivered.
+    pub webhook_deliveries_total: IntCounterVec,
 }
 
 impl Metrics {
@@ -61,6 +64,12 @@ impl Metrics {
             up: register_int_gauge_with_registry!(
                 "mhv_worker_up",
                 "1 while the worker is consuming",
+                registry
+            )?,
+            webhook_deliveries_total: register_int_counter_vec_with_registry!(
+                "mhv_webhook_deliveries_processed_total",
+                "Webhook deliveries the workers committed, by source and verdict",
+                &["source", "verdict"],
                 registry
             )?,
             registry,

@@ -99,6 +99,18 @@ struct DeadLetter<'a> {
 
 /// Writes the batch in one transaction and returns one outcome per item, in order.
 pub async fn persist_batch(pool: &PgPool, items: &[Item]) -> Result<Vec<Outcome>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let outcomes = persist_in(&mut tx, items).await?;
+    tx.commit().await?;
+    Ok(outcomes)
+}
+
+/// [`persist_batch`] inside a transaction the caller owns (webhook deliveries write their
+/// ledger row in the same transaction as the task).
+pub async fn persist_in(
+    tx: &mut sqlx::PgConnection,
+    items: &[Item],
+) -> Result<Vec<Outcome>, sqlx::Error> {
     let mut outcomes = vec![Outcome::Duplicate; items.len()];
     let mut first_of_key: HashMap<&str, usize> = HashMap::new();
     let mut dead: Vec<DeadLetter<'_>> = Vec::new();
@@ -127,8 +139,6 @@ pub async fn persist_batch(pool: &PgPool, items: &[Item]) -> Result<Vec<Outcome>
         v.sort_unstable();
         v.into_iter().map(|(_, i)| i).collect()
     };
-
-    let mut tx = pool.begin().await?;
 
     // 1. Claim ledger keys. RETURNING tells which claims are new.
     let (mut keys, mut fps, mut ids, mut seqs) = (vec![], vec![], vec![], vec![]);
@@ -258,10 +268,8 @@ pub async fn persist_batch(pool: &PgPool, items: &[Item]) -> Result<Vec<Outcome>
 
     // 4. Dead letters.
     if !dead.is_empty() {
-        insert_dead_letters(&mut tx, &dead).await?;
+        insert_dead_letters(&mut *tx, &dead).await?;
     }
-
-    tx.commit().await?;
     Ok(outcomes)
 }
 

@@ -2,6 +2,7 @@
 
 pub mod health;
 pub mod tasks;
+pub mod webhooks;
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -23,6 +24,8 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .merge(api)
+        // Webhooks authenticate by signature, not by API key.
+        .route("/v1/webhooks/{source}", post(webhooks::receive))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
