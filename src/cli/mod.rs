@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod up;
+pub mod webhooks;
 
 use crate::config::Settings;
 use anyhow::Context as _;
@@ -47,6 +48,9 @@ pub enum Command {
     /// API key tools.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Webhook sources, deliveries and forced redelivery.
+    #[command(subcommand)]
+    Webhooks(webhooks::WebhooksCommand),
 }
 
 /// `mhv config …`.
@@ -133,6 +137,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(args) => bench::run(load()?, args).await,
         Command::Up(args) => up::run(load()?, args).await,
+        Command::Webhooks(cmd) => webhooks::run(load()?, cmd).await,
     }
 }
 

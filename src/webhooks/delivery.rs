@@ -238,6 +238,22 @@ fn rejection(src: &ResolvedSource, e: VerifyError) -> Rejection {
     }
 }
 
+/// The body of a forced redelivery request (`mhv webhooks redeliver`), JSON on
+/// `mhv.webhooks.redeliver`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RedeliverRequest {
+    /// Source name.
+    pub source: String,
+    /// Delivery id of the stored delivery.
+    pub delivery_id: String,
+    /// Unique per request: a request handled twice has one effect.
+    pub redelivery_id: uuid::Uuid,
+    /// Who asked (audited).
+    pub actor: String,
+    /// Why (audited).
+    pub reason: String,
+}
+
 /// Hex SHA-256.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))

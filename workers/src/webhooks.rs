@@ -13,31 +13,15 @@ use crate::Ctx;
 use async_nats::jetstream::{self, AckKind};
 use chrono::{DateTime, Utc};
 use mahavishnu::config::WebhookScheme;
-use mahavishnu::webhooks::delivery::{self, headers as h};
+use mahavishnu::webhooks::delivery::{self, headers as h, RedeliverRequest};
 use mahavishnu::webhooks::route::{self, Verdict};
 use mahavishnu::{db, envelope, task, topology, ErrorCode};
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::types::Json;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncReadExt as _;
 use uuid::Uuid;
-
-/// The body of a forced redelivery request (`mhv webhooks redeliver`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RedeliverRequest {
-    /// Source name.
-    pub source: String,
-    /// Delivery id of the stored delivery.
-    pub delivery_id: String,
-    /// Unique per request: a request handled twice has one effect.
-    pub redelivery_id: Uuid,
-    /// Who asked (audited).
-    pub actor: String,
-    /// Why (audited).
-    pub reason: String,
-}
 
 /// True for the subjects this module handles.
 pub fn is_webhook_subject(subject: &str) -> bool {
