@@ -789,6 +789,94 @@ mod tests {
     }
 
     #[test]
+    fn config_default_toml_lists_exactly_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.default.toml");
+        let file: Settings = Figment::from(Toml::file_exact(&path)).extract().unwrap();
+        assert_eq!(
+            toml::to_string(&file).unwrap(),
+            toml::to_string(&Settings::default()).unwrap()
+        );
+    }
+
+    fn github_source() -> WebhookSource {
+        WebhookSource {
+            scheme: WebhookScheme::Github,
+            secrets: vec![WebhookSecret {
+                id: "s1".into(),
+                secret: Some(SecretString::from("x".to_owned())),
+                env: None,
+                expires_at: None,
+            }],
+            body_limit_bytes: 1 << 20,
+            tolerance_secs: 300,
+            rules: vec![],
+        }
+    }
+
+    #[test]
+    fn webhook_sources_are_checked_at_start_up() {
+        let check = |f: &dyn Fn(&mut WebhookSource)| {
+            let mut s = Settings::default();
+            let mut src = github_source();
+            f(&mut src);
+            s.webhooks.sources.insert("gh".into(), src);
+            s.validate().err().map(|e| e.0)
+        };
+        assert_eq!(check(&|_| {}), None);
+        assert!(check(&|s| s.secrets.clear())
+            .unwrap()
+            .contains("at least one"));
+        assert!(check(&|s| s.secrets[0].env = Some("X".into()))
+            .unwrap()
+            .contains("exactly one"));
+        assert!(check(&|s| {
+            s.secrets[0].secret = None;
+            s.secrets[0].env = Some("MHV_GH".into());
+        })
+        .unwrap()
+        .contains("MHV_"));
+        assert!(check(&|s| s.secrets.push(s.secrets[0].clone()))
+            .unwrap()
+            .contains("twice"));
+        assert!(check(&|s| {
+            s.scheme = WebhookScheme::Standard;
+        })
+        .unwrap()
+        .contains("whsec_"));
+        assert!(check(&|s| s.body_limit_bytes = 512)
+            .unwrap()
+            .contains("body_limit"));
+        assert!(check(&|s| s.rules.push(WebhookRule {
+            name: "r".into(),
+            event: "issues".into(),
+            actions: vec![],
+            labels: vec![],
+            branches: vec![],
+            task: WebhookTaskTemplate {
+                title: "{unclosed".into(),
+                repository: "x".into(),
+                description: None,
+                priority: None,
+                action: None,
+                tags: vec![],
+            },
+        }))
+        .unwrap()
+        .contains("unclosed"));
+        let mut s = Settings::default();
+        s.webhooks
+            .sources
+            .insert("bad name".into(), github_source());
+        assert!(s.validate().unwrap_err().0.contains("source name"));
+        // An env secret that is not set is found when the gateway resolves it.
+        let mut src = github_source();
+        src.secrets[0].secret = None;
+        src.secrets[0].env = Some("MAHAVISHNU_TEST_SURELY_UNSET".into());
+        let e = crate::webhooks::ResolvedSource::resolve("gh", &src).unwrap_err();
+        assert!(e.0.contains("MAHAVISHNU_TEST_SURELY_UNSET"));
+    }
+
+    #[test]
     fn cross_field_rules_are_enforced() {
         let mut s = Settings::default();
         s.nats.consumer.backoff_secs = vec![1];

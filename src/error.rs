@@ -275,6 +275,45 @@ mod tests {
     use super::*;
     use std::collections::HashSet;
 
+    /// docs/errors.md's catalog table is generated from [`ErrorCode::info`]: this test fails when
+    /// they differ, and rewrites the table when `BLESS_ERRORS_DOC=1` is set.
+    #[test]
+    fn docs_errors_md_catalog_matches_the_code() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/errors.md");
+        let doc = std::fs::read_to_string(&path).unwrap();
+        let header =
+            "| Code | Title | HTTP status | Transient | Recovery |\n|---|---|---|---|---|\n";
+        let start = doc.find(header).expect("catalog table header") + header.len();
+        let end = start
+            + doc[start..]
+                .find("\n\n")
+                .expect("blank line after the table")
+            + 1;
+        let table: String = ErrorCode::ALL
+            .iter()
+            .map(|c| {
+                let i = c.info();
+                format!(
+                    "| `{}` | {} | {} | {} | {} |\n",
+                    i.code,
+                    i.title,
+                    i.http_status,
+                    if i.transient { "yes" } else { "no" },
+                    i.recovery
+                )
+            })
+            .collect();
+        if std::env::var_os("BLESS_ERRORS_DOC").is_some() {
+            std::fs::write(&path, format!("{}{table}{}", &doc[..start], &doc[end..])).unwrap();
+        } else {
+            assert_eq!(
+                doc[start..end],
+                table,
+                "docs/errors.md is stale: run BLESS_ERRORS_DOC=1 cargo test -p mahavishnu --lib docs_errors"
+            );
+        }
+    }
+
     #[test]
     fn codes_are_unique_well_formed_and_in_their_range() {
         let mut seen = HashSet::new();

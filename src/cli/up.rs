@@ -4,7 +4,10 @@
 //! workers (sibling binaries `mhv-gateway` and `mhv-worker`), submits a demo task through the
 //! gateway and reads it back, prints what to paste, and on Ctrl-C stops everything it started.
 
-use crate::config::{ApiKeySettings, LogFormat, Settings};
+use crate::config::{
+    ApiKeySettings, LogFormat, Settings, WebhookRule, WebhookScheme, WebhookSecret, WebhookSource,
+    WebhookTaskTemplate,
+};
 use crate::devstack::{self, nats::NatsServer, postgres::LocalCluster};
 use anyhow::{bail, Context as _};
 use secrecy::ExposeSecret;
@@ -128,6 +131,32 @@ pub async fn run(mut settings: Settings, args: UpArgs) -> anyhow::Result<()> {
             sha256: hash,
         });
     }
+    // A demo GitHub webhook source with its own secret, kept across runs.
+    let hook_secret_file = data.join("demo-webhook-secret");
+    let hook_secret = match std::fs::read_to_string(&hook_secret_file) {
+        Ok(k) if !k.trim().is_empty() => k.trim().to_owned(),
+        _ => {
+            let k = super::generate_key();
+            std::fs::write(&hook_secret_file, &k)?;
+            k
+        }
+    };
+    settings
+        .webhooks
+        .sources
+        .entry(DEMO_SOURCE.into())
+        .or_insert_with(|| demo_source(&hook_secret));
+    // The generated file redacts inline secrets: hand every one to the services by environment.
+    let mut secret_env = Vec::new();
+    for src in settings.webhooks.sources.values_mut() {
+        for sec in &mut src.secrets {
+            if let Some(v) = sec.secret.take() {
+                let var = format!("MAHAVISHNU_UP_WEBHOOK_SECRET_{}", secret_env.len());
+                secret_env.push((var.clone(), v.expose_secret().to_owned()));
+                sec.env = Some(var);
+            }
+        }
+    }
     settings.log.format = LogFormat::Pretty;
     settings.validate()?;
     let config_path = data.join("up.toml");
@@ -148,6 +177,9 @@ pub async fn run(mut settings: Settings, args: UpArgs) -> anyhow::Result<()> {
             .env("MHV_NATS__URL", &settings.nats.url)
             .stdin(Stdio::null());
         for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        for (k, v) in &secret_env {
             cmd.env(k, v);
         }
         cmd.spawn()
@@ -178,9 +210,24 @@ pub async fn run(mut settings: Settings, args: UpArgs) -> anyhow::Result<()> {
         "    curl -sS -X POST {base}/v1/tasks -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -H 'Idempotency-Key: demo-1' -d '{{\"title\":\"Hello\",\"repository\":\"demo\"}}'"
     );
     println!("    curl -sS {base}/v1/tasks/<id> -H 'Authorization: Bearer {key}'");
+    println!(
+        "  a signed GitHub-style webhook (secret in {}):",
+        hook_secret_file.display()
+    );
+    println!(
+        "    BODY='{{\"action\":\"opened\",\"issue\":{{\"number\":1,\"title\":\"Hello\"}},\"repository\":{{\"name\":\"demo\"}}}}'"
+    );
+    println!(
+        "    SIG=$(printf %s \"$BODY\" | openssl dgst -sha256 -hmac \"$(cat {})\" | awk '{{print $NF}}')",
+        hook_secret_file.display()
+    );
+    println!(
+        "    curl -sS -X POST {base}/v1/webhooks/{DEMO_SOURCE} -H 'X-GitHub-Event: issues' -H \"X-GitHub-Delivery: $(date +%s%N)\" -H \"X-Hub-Signature-256: sha256=$SIG\" -d \"$BODY\""
+    );
 
     if !args.no_demo {
         demo(&http, &base, &key).await?;
+        demo_webhook(&http, &base, &key, &hook_secret).await?;
     }
     if args.exit_after_demo {
         return Ok(());
@@ -212,6 +259,94 @@ async fn old_nats_version(url: &str) -> Option<String> {
     let mut it = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
     let (major, minor) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
     ((major, minor) < devstack::nats::MIN_VERSION).then_some(v)
+}
+
+/// Name of the demo webhook source `mhv up` adds (unless the configuration has one by that name).
+pub const DEMO_SOURCE: &str = "demo-github";
+
+fn demo_source(secret: &str) -> WebhookSource {
+    WebhookSource {
+        scheme: WebhookScheme::Github,
+        secrets: vec![WebhookSecret {
+            id: "demo".into(),
+            secret: Some(secrecy::SecretString::from(secret.to_owned())),
+            env: None,
+            expires_at: None,
+        }],
+        body_limit_bytes: 25 * 1024 * 1024,
+        tolerance_secs: 300,
+        rules: vec![WebhookRule {
+            name: "issue-opened".into(),
+            event: "issues".into(),
+            actions: vec!["opened".into()],
+            labels: vec![],
+            branches: vec![],
+            task: WebhookTaskTemplate {
+                title: "Issue #{issue.number}: {issue.title}".into(),
+                repository: "{repository.name}".into(),
+                description: None,
+                priority: None,
+                action: None,
+                tags: vec!["github".into()],
+            },
+        }],
+    }
+}
+
+/// The webhook half of the demo: a signed GitHub `issues` delivery becomes a task.
+async fn demo_webhook(
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+    secret: &str,
+) -> anyhow::Result<()> {
+    use hmac::Mac as _;
+    let delivery = uuid::Uuid::now_v7().to_string();
+    let body = serde_json::to_vec(&serde_json::json!({
+        "action": "opened",
+        "issue": {"number": 1, "title": format!("Hello from a webhook ({delivery})")},
+        "repository": {"name": "demo", "default_branch": "main"},
+    }))?;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes())?;
+    mac.update(&body);
+    let sig = hex::encode(mac.finalize().into_bytes());
+    let resp = http
+        .post(format!("{base}/v1/webhooks/{DEMO_SOURCE}"))
+        .header("X-GitHub-Event", "issues")
+        .header("X-GitHub-Delivery", &delivery)
+        .header("X-Hub-Signature-256", format!("sha256={sig}"))
+        .header("Content-Type", "application/json")
+        .body(body)
+        .send()
+        .await?;
+    if resp.status().as_u16() != 202 {
+        bail!(
+            "demo webhook was not accepted: {} {}",
+            resp.status(),
+            resp.text().await.unwrap_or_default()
+        );
+    }
+    let id =
+        crate::envelope::task_id_for(&crate::webhooks::delivery::task_key(DEMO_SOURCE, &delivery));
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        let r = http
+            .get(format!("{base}/v1/tasks/{id}"))
+            .bearer_auth(key)
+            .send()
+            .await?;
+        if r.status().is_success() {
+            let task: serde_json::Value = r.json().await?;
+            println!(
+                "demo: signed webhook {delivery} accepted (202) and routed into task {id} ({:?}) in {} ms",
+                task["title"].as_str().unwrap_or_default(),
+                start.elapsed().as_millis()
+            );
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("demo webhook {delivery} was accepted but no task appeared within 10 s; check the worker logs and `mhv webhooks deliveries`")
 }
 
 /// The demo job: create a task through the gateway and read it back with its audit row.
