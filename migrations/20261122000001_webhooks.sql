@@ -5,7 +5,7 @@
 CREATE TABLE webhook_deliveries (
     id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     source        text NOT NULL CHECK (source ~ '^[A-Za-z0-9_-]{1,64}$'),
-    delivery_id   text NOT NULL CHECK (length(delivery_id) BETWEEN 1 AND 200),
+    delivery_id   text NOT NULL CHECK (length(delivery_id) BETWEEN 1 AND 300),
     scheme        text NOT NULL CHECK (scheme IN ('github', 'gitlab', 'standard')),
     event         text NOT NULL CHECK (length(event) <= 100),
     body_sha256   bytea NOT NULL CHECK (length(body_sha256) = 32),

@@ -261,6 +261,9 @@ pub struct WebhookSettings {
     /// How long a claim-checked body is kept if no worker deletes it (workers delete it once the
     /// delivery is committed; this bounds what an outage or a lost publish can leave behind).
     pub claim_check_max_age_hours: u64,
+    /// Most bytes the body bucket holds; when full, large deliveries are answered 503 (MHV-007)
+    /// instead of filling the JetStream store. -1: unlimited.
+    pub body_bucket_max_bytes: i64,
     /// Sources by name: `POST /v1/webhooks/{name}`.
     pub sources: std::collections::BTreeMap<String, WebhookSource>,
 }
@@ -272,6 +275,7 @@ impl Default for WebhookSettings {
             ledger_bucket: "MHV_WEBHOOK_LEDGER".into(),
             body_bucket: "MHV_WEBHOOK_BODIES".into(),
             claim_check_max_age_hours: 7 * 24,
+            body_bucket_max_bytes: 8 << 30,
             sources: std::collections::BTreeMap::new(),
         }
     }
@@ -625,7 +629,10 @@ impl Settings {
             .webhooks
             .sources
             .iter()
-            .find(|(_, src)| src.body_limit_bytes > g.webhook_max_buffered_bytes)
+            // Compared in KiB: the budget is counted in KiB permits.
+            .find(|(_, src)| {
+                src.body_limit_bytes.div_ceil(1024) > g.webhook_max_buffered_bytes / 1024
+            })
         {
             return err(format!(
                 "webhooks.sources.{name}.body_limit_bytes exceeds gateway.webhook_max_buffered_bytes ({}): its largest deliveries could never be accepted",
@@ -667,8 +674,13 @@ impl Settings {
         if w.ledger_retention_days == 0 {
             return err("webhooks.ledger_retention_days must be > 0".into());
         }
-        if w.claim_check_max_age_hours == 0 {
-            return err("webhooks.claim_check_max_age_hours must be > 0".into());
+        if w.claim_check_max_age_hours < 24 {
+            return err("webhooks.claim_check_max_age_hours must be at least 24: a worker outage longer than it loses queued large deliveries".into());
+        }
+        if w.body_bucket_max_bytes != -1 && w.body_bucket_max_bytes < 64 * 1024 * 1024 {
+            return err(
+                "webhooks.body_bucket_max_bytes must be -1 (unlimited) or at least 64 MiB".into(),
+            );
         }
         for (field, bucket) in [
             ("ledger_bucket", &w.ledger_bucket),

@@ -144,6 +144,7 @@ pub async fn webhook_stores(
                 bucket: w.body_bucket.clone(),
                 description: Some("Mahavishnu claim-checked webhook bodies".into()),
                 max_age: Duration::from_secs(w.claim_check_max_age_hours * 3_600),
+                max_bytes: w.body_bucket_max_bytes,
                 num_replicas: s.nats.stream.replicas,
                 storage: stream::StorageType::File,
                 ..Default::default()

@@ -44,6 +44,11 @@ pub enum WebhooksCommand {
 
 /// Runs a `mhv webhooks` command.
 pub async fn run(s: Settings, cmd: WebhooksCommand) -> anyhow::Result<()> {
+    if let WebhooksCommand::Deliveries { limit, .. } = &cmd {
+        if !(1..=10_000).contains(limit) {
+            anyhow::bail!("MHV-003: --limit must be within 1..=10000");
+        }
+    }
     match cmd {
         WebhooksCommand::List => {
             list(&s);
@@ -159,10 +164,10 @@ async fn deliveries(s: &Settings, source: Option<String>, limit: i64) -> anyhow:
             "{:<25} {:<11} {:<38} {:<18} {:<13} {} ({size} bytes)",
             at.format("%Y-%m-%d %H:%M:%S%.3f"),
             src,
-            id,
-            event,
+            printable(&id),
+            printable(&event),
             verdict,
-            detail.trim()
+            printable(detail.trim())
         );
     }
     let attempts: Vec<(DateTime<Utc>, String, String, String, serde_json::Value)> = sqlx::query_as(
@@ -181,13 +186,18 @@ async fn deliveries(s: &Settings, source: Option<String>, limit: i64) -> anyhow:
                 "{:<25} {:<11} {:<38} {:<20} {}",
                 at.format("%Y-%m-%d %H:%M:%S%.3f"),
                 src,
-                id,
+                printable(&id),
                 event,
-                details
+                printable(&details.to_string())
             );
         }
     }
     Ok(())
+}
+
+/// Sender-controlled text without control characters (no terminal escape sequences).
+fn printable(s: &str) -> String {
+    s.chars().filter(|c| !c.is_control()).collect()
 }
 
 async fn redeliver(

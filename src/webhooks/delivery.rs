@@ -14,7 +14,10 @@ use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 
 /// Longest delivery id accepted.
-pub const DELIVERY_ID_MAX: usize = 200;
+pub const DELIVERY_ID_MAX: usize = 256;
+/// Longest delivery id the ledger stores (a GitLab per-event id plus `:` and 16 hex characters
+/// fits).
+pub const LEDGER_ID_MAX: usize = 300;
 /// Longest event name accepted.
 pub const EVENT_MAX: usize = 100;
 
@@ -108,6 +111,24 @@ pub struct Verified {
     pub event: String,
     /// Which secret matched.
     pub secret_id: String,
+    /// True when the id names an event rather than one delivery (GitLab before 17.4 sends no
+    /// `Idempotency-Key`; its `X-Gitlab-Event-UUID` is shared by hooks the event triggers), so
+    /// the endpoint qualifies it with the body's hash ([`Verified::qualify`]).
+    pub per_event_id: bool,
+}
+
+impl Verified {
+    /// Makes a per-event id a per-delivery one: `{id}:{first 16 hex of the body's SHA-256}`.
+    pub fn qualify(&mut self, body_sha256_hex: &str) {
+        if self.per_event_id {
+            self.delivery_id = format!(
+                "{}:{}",
+                self.delivery_id,
+                body_sha256_hex.get(..16).unwrap_or(body_sha256_hex)
+            );
+            self.per_event_id = false;
+        }
+    }
 }
 
 /// Why a delivery was refused: an error code and a message safe to send back.
@@ -140,9 +161,15 @@ pub fn check<'h>(
     body: &[u8],
     now: DateTime<Utc>,
 ) -> Result<Verified, Rejection> {
+    // GitLab 17.4+ sends `Idempotency-Key`, the same across retries of one delivery.
+    let gitlab_id = if get("Idempotency-Key").is_some() {
+        "Idempotency-Key"
+    } else {
+        "X-Gitlab-Event-UUID"
+    };
     let (id_header, event_header) = match src.scheme {
         WebhookScheme::Github => ("X-GitHub-Delivery", Some("X-GitHub-Event")),
-        WebhookScheme::Gitlab => ("X-Gitlab-Event-UUID", Some("X-Gitlab-Event")),
+        WebhookScheme::Gitlab => (gitlab_id, Some("X-Gitlab-Event")),
         WebhookScheme::Standard => ("webhook-id", None),
     };
     // The signature first: an unsigned request learns nothing about the other headers.
@@ -190,6 +217,7 @@ pub fn check<'h>(
         delivery_id: delivery_id.to_owned(),
         event,
         secret_id,
+        per_event_id: id_header == "X-Gitlab-Event-UUID",
     })
 }
 
@@ -375,6 +403,38 @@ mod tests {
         assert_eq!(
             check(&src, headers(&bad_ts), body, at).unwrap_err().code,
             ErrorCode::WebhookHeaderInvalid
+        );
+    }
+
+    #[test]
+    fn gitlab_prefers_the_idempotency_key_and_qualifies_the_event_uuid() {
+        let src = ResolvedSource {
+            secrets: vec![Secret {
+                id: "gl".into(),
+                key: b"tok".to_vec(),
+                expires_at: None,
+            }],
+            ..source(WebhookScheme::Gitlab)
+        };
+        let base = [
+            ("X-Gitlab-Token", "tok"),
+            ("X-Gitlab-Event-UUID", "ev-1"),
+            ("X-Gitlab-Event", "Push Hook"),
+        ];
+        let mut v = check(&src, headers(&base), b"", Utc::now()).unwrap();
+        assert!(v.per_event_id);
+        v.qualify("0123456789abcdef0123");
+        assert_eq!(v.delivery_id, "ev-1:0123456789abcdef");
+        let with_key = [base[0], base[1], base[2], ("Idempotency-Key", "idem-9")];
+        let mut v = check(&src, headers(&with_key), b"", Utc::now()).unwrap();
+        v.qualify("0123456789abcdef0123");
+        assert_eq!(v.delivery_id, "idem-9", "the retry-stable id is used as is");
+        let wrong = [("X-Gitlab-Token", "nope"), base[1], base[2]];
+        assert_eq!(
+            check(&src, headers(&wrong), b"", Utc::now())
+                .unwrap_err()
+                .code,
+            ErrorCode::WebhookSignatureInvalid
         );
     }
 

@@ -108,12 +108,19 @@ pub async fn consume(
             let ctx = ctx.clone();
             batches.spawn(async move {
                 let _permit = permit;
-                if !hooks.is_empty() {
-                    crate::webhooks::handle_messages(&ctx, hooks).await;
-                }
-                if !msgs.is_empty() {
-                    handle_batch(&ctx, msgs).await;
-                }
+                // Side by side, each with its own in-progress acks: slow webhook bodies must not
+                // hold task messages past their ack wait.
+                let hooks = async {
+                    if !hooks.is_empty() {
+                        crate::webhooks::handle_messages(&ctx, hooks).await;
+                    }
+                };
+                let tasks = async {
+                    if !msgs.is_empty() {
+                        handle_batch(&ctx, msgs).await;
+                    }
+                };
+                tokio::join!(hooks, tasks);
             });
             while let Some(r) = batches.try_join_next() {
                 if let Err(e) = r {

@@ -34,14 +34,23 @@ pub async fn handle_messages(ctx: &Arc<Ctx>, msgs: Vec<jetstream::Message>) {
     let msgs = Arc::new(msgs);
     let heartbeat = crate::ingest::heartbeat(ctx, Arc::clone(&msgs));
     for msg in msgs.iter() {
+        let mut body = None;
         let result = match msg.subject.as_str() {
-            topology::SUBJECT_WEBHOOK_DELIVER => deliver(ctx, msg).await,
+            topology::SUBJECT_WEBHOOK_DELIVER => deliver(ctx, msg, &mut body).await,
             topology::SUBJECT_WEBHOOK_TAMPERED => tampered(ctx, msg).await,
             topology::SUBJECT_WEBHOOK_REDELIVER => redeliver(ctx, msg).await,
             _ => Err(Failure::Poison(
                 ErrorCode::Validation,
                 "unknown webhook subject".into(),
             )),
+        };
+        let deliveries = msg.info().map(|i| i.delivered).unwrap_or(1);
+        let result = match result {
+            Err(Failure::Bounded(code, why)) if deliveries >= BOUNDED_DELIVERIES => Err(
+                Failure::Poison(code, format!("{why} (after {deliveries} deliveries)")),
+            ),
+            Err(Failure::Bounded(_, why)) => Err(Failure::Transient(why)),
+            other => other,
         };
         match result {
             Ok(done) => {
@@ -55,10 +64,16 @@ pub async fn handle_messages(ctx: &Arc<Ctx>, msgs: Vec<jetstream::Message>) {
                 tracing::warn!(error = %e, subject = %msg.subject, "webhook message failed for a passing reason; redelivering later");
                 crate::ingest::nak(ctx, msg).await;
             }
-            Err(Failure::Poison(code, reason)) => poison(ctx, msg, code, reason).await,
+            Err(Failure::Poison(code, reason)) => poison(ctx, msg, code, reason, body).await,
+            Err(Failure::Bounded(..)) => unreachable_bounded(ctx, msg).await,
         }
     }
     heartbeat.abort();
+}
+
+/// `Bounded` failures were mapped above; NAK if one ever gets here rather than panic.
+async fn unreachable_bounded(ctx: &Ctx, msg: &jetstream::Message) {
+    crate::ingest::nak(ctx, msg).await;
 }
 
 /// What a handled message leaves to do after its ack.
@@ -68,9 +83,17 @@ struct Done {
 }
 
 enum Failure {
+    /// Retried, however long it takes (a database or broker outage).
     Transient(String),
+    /// Retried up to [`BOUNDED_DELIVERIES`], then dead-lettered with the code: causes an
+    /// operator must fix (a source this worker does not know, an unreadable stored body).
+    Bounded(ErrorCode, String),
+    /// Dead-lettered now, with the body if it was fetched from the object store.
     Poison(ErrorCode, String),
 }
+
+/// Deliveries after which a [`Failure::Bounded`] message is dead-lettered.
+const BOUNDED_DELIVERIES: i64 = 10;
 
 impl From<db::TxError> for Failure {
     fn from(e: db::TxError) -> Self {
@@ -117,7 +140,7 @@ fn meta(msg: &jetstream::Message) -> Result<Meta, Failure> {
         ));
     }
     let delivery_id = need(h::DELIVERY)?;
-    if delivery_id.len() > delivery::DELIVERY_ID_MAX {
+    if delivery_id.len() > delivery::LEDGER_ID_MAX {
         return Err(Failure::Poison(
             ErrorCode::Validation,
             "delivery id too long".into(),
@@ -129,11 +152,7 @@ fn meta(msg: &jetstream::Message) -> Result<Meta, Failure> {
     let received_at = DateTime::parse_from_rfc3339(&need(h::RECEIVED_AT)?)
         .map_err(|_| Failure::Poison(ErrorCode::Validation, "bad received-at header".into()))?
         .with_timezone(&Utc);
-    let header_event: String = header(msg, h::EVENT)
-        .unwrap_or_default()
-        .chars()
-        .take(delivery::EVENT_MAX)
-        .collect();
+    let header_event = clean_event(&header(msg, h::EVENT).unwrap_or_default());
     Ok(Meta {
         source,
         delivery_id,
@@ -148,24 +167,42 @@ fn meta(msg: &jetstream::Message) -> Result<Meta, Failure> {
     })
 }
 
+/// An event name fit for a text column and a terminal: no control characters (NUL included),
+/// at most [`delivery::EVENT_MAX`] characters.
+fn clean_event(raw: &str) -> String {
+    raw.chars()
+        .filter(|c| !c.is_control())
+        .take(delivery::EVENT_MAX)
+        .collect()
+}
+
 /// The scheme of a source as this worker is configured; `None` when it does not know it.
 fn scheme_of(ctx: &Ctx, source: &str) -> Option<WebhookScheme> {
     ctx.settings.webhooks.sources.get(source).map(|s| s.scheme)
 }
 
-async fn deliver(ctx: &Arc<Ctx>, msg: &jetstream::Message) -> Result<Done, Failure> {
+async fn deliver(
+    ctx: &Arc<Ctx>,
+    msg: &jetstream::Message,
+    fetched: &mut Option<bytes::Bytes>,
+) -> Result<Done, Failure> {
     let m = meta(msg)?;
     let Some(scheme) = scheme_of(ctx, &m.source) else {
-        // A rolling deploy can briefly run a worker that does not know a new source yet.
-        return Err(Failure::Transient(format!(
-            "source {:?} is not configured on this worker",
-            m.source
-        )));
+        // A rolling deploy can briefly run a worker that does not know a new source yet; a
+        // source removed while deliveries were queued must not loop forever.
+        return Err(Failure::Bounded(
+            ErrorCode::WebhookSourceNotFound,
+            format!("source {:?} is not configured on this worker", m.source),
+        ));
     };
     let body = match &m.claim_check {
         None => msg.payload.clone(),
         Some(name) => match fetch_object(ctx, name).await? {
-            Some(b) => b,
+            Some(b) => {
+                // Kept for a dead letter: the message itself carries no body.
+                *fetched = Some(b.clone());
+                b
+            }
             None => return missing_body(ctx, &m).await,
         },
     };
@@ -231,12 +268,24 @@ async fn deliver(ctx: &Arc<Ctx>, msg: &jetstream::Message) -> Result<Done, Failu
         if let Some(row) = inserted {
             let (verdict, task_id) =
                 make_task(&mut tx, &routed, &key, &m.source, raw, stream_seq).await?;
-            if let Some(id) = task_id {
-                sqlx::query("UPDATE webhook_deliveries SET task_id = $1 WHERE id = $2")
-                    .bind(id)
-                    .bind(row)
-                    .execute(&mut *tx)
-                    .await?;
+            if verdict != routed.verdict() || task_id.is_some() {
+                // The task's own guard had the last word (an inbox key reused with another
+                // task after the ledger row was pruned is refused as MHV-106).
+                let reason = (verdict == "invalid" && routed.verdict() != "invalid").then(|| {
+                    format!("{key} already made a different task (MHV-106); the first stands")
+                });
+                sqlx::query(
+                    "UPDATE webhook_deliveries
+                     SET verdict = $1, reason = COALESCE($2, reason),
+                         task_id = (SELECT id FROM tasks WHERE id = $3)
+                     WHERE id = $4",
+                )
+                .bind(verdict)
+                .bind(reason)
+                .bind(task_id)
+                .bind(row)
+                .execute(&mut *tx)
+                .await?;
             }
             label = verdict;
             audit(
@@ -373,10 +422,7 @@ fn decide(
             )
         }
     };
-    let event: String = route::event_of(scheme, header_event, &payload)
-        .chars()
-        .take(delivery::EVENT_MAX)
-        .collect();
+    let event = clean_event(&route::event_of(scheme, header_event, &payload));
     let routed = match route::route(scheme, &event, &payload, rules) {
         Verdict::NoMatch => Routed::NoMatch,
         Verdict::Invalid { rule, reason } => Routed::Invalid {
@@ -483,13 +529,16 @@ fn source_label(ctx: &Ctx, source: &str) -> String {
 /// Otherwise the body expired before any worker saw it: dead-letter (MHV-014).
 async fn missing_body(ctx: &Arc<Ctx>, m: &Meta) -> Result<Done, Failure> {
     let pool = ctx.pool.clone();
-    let (source, id) = (m.source.clone(), m.delivery_id.clone());
+    let (source, id, sha) = (m.source.clone(), m.delivery_id.clone(), m.body_sha256);
+    // The ledger has this id, or this body (a replay or a tampered copy committed earlier).
     let known: bool = db::detached(async move {
         sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM webhook_deliveries WHERE source = $1 AND delivery_id = $2)",
+            "SELECT EXISTS (SELECT 1 FROM webhook_deliveries
+                            WHERE source = $1 AND (delivery_id = $2 OR body_sha256 = $3))",
         )
         .bind(source)
         .bind(id)
+        .bind(sha.as_slice())
         .fetch_one(&pool)
         .await
     })
@@ -531,9 +580,13 @@ async fn fetch_object(ctx: &Ctx, name: &str) -> Result<Option<bytes::Bytes>, Fai
         Err(e) => return Err(Failure::Transient(e.to_string())),
     };
     let mut buf = Vec::with_capacity(obj.info.size);
-    obj.read_to_end(&mut buf)
-        .await
-        .map_err(|e| Failure::Transient(format!("reading claim-checked body: {e}")))?;
+    // A broken connection heals; a corrupt object (digest mismatch) does not: bounded.
+    obj.read_to_end(&mut buf).await.map_err(|e| {
+        Failure::Bounded(
+            ErrorCode::StoredBodyMissing,
+            format!("reading claim-checked body {name:?}: {e}"),
+        )
+    })?;
     Ok(Some(buf.into()))
 }
 
@@ -657,7 +710,13 @@ async fn redeliver(ctx: &Arc<Ctx>, msg: &jetstream::Message) -> Result<Done, Fai
     Ok(Done::default())
 }
 
-async fn poison(ctx: &Arc<Ctx>, msg: &jetstream::Message, code: ErrorCode, reason: String) {
+async fn poison(
+    ctx: &Arc<Ctx>,
+    msg: &jetstream::Message,
+    code: ErrorCode,
+    reason: String,
+    body: Option<bytes::Bytes>,
+) {
     tracing::warn!(subject = %msg.subject, code = %code, "webhook message cannot succeed; dead-lettering (reason in dead_letters)");
     let (stream, seq, deliveries, stored) = match msg.info() {
         Ok(i) => (
@@ -681,7 +740,8 @@ async fn poison(ctx: &Arc<Ctx>, msg: &jetstream::Message, code: ErrorCode, reaso
             raw: Raw {
                 subject: msg.subject.to_string(),
                 headers: crate::ingest::headers_json(msg.headers.as_ref()),
-                payload: msg.payload.clone(),
+                // A claim-checked body is kept with the dead letter, not left to expire.
+                payload: body.unwrap_or_else(|| msg.payload.clone()),
             },
         },
     };

@@ -13,12 +13,16 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use bytes::BytesMut;
 use chrono::Utc;
-use http_body_util::BodyExt as _;
+use futures::StreamExt as _;
+use mahavishnu::config::WebhookScheme;
 use mahavishnu::config::ENVELOPE_OVERHEAD_BYTES;
 use mahavishnu::webhooks::delivery::{self, headers as h, ResolvedSource, Verified};
 use mahavishnu::{topology, ErrorCode};
 use serde::Serialize;
+use std::sync::Arc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The `202 Accepted` body.
 #[derive(Debug, Serialize)]
@@ -37,7 +41,7 @@ pub struct Accepted {
 /// What the ledger front said about a delivery.
 enum Seen {
     New,
-    Duplicate,
+    Duplicate { published: bool },
     Tampered { first_sha256: String },
 }
 
@@ -97,42 +101,28 @@ async fn accept(
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
-    // Reserve memory for the body from the gateway-wide budget (the whole limit when the length
-    // is not declared), so many large deliveries at once cannot exhaust memory.
-    let kib = u32::try_from(declared.unwrap_or(limit).div_ceil(1024).max(1)).unwrap_or(u32::MAX);
-    let _reservation = state
-        .webhook_buffer()
-        .clone()
-        .try_acquire_many_owned(kib)
-        .map_err(|_| {
-            (
-                "overloaded",
-                ApiError::new(
-                    ErrorCode::Overloaded,
-                    "too many webhook bodies in memory; retry shortly",
-                ),
-            )
-        })?;
-    // 2. Read, stopping at the limit (chunked bodies declare no length).
-    let bytes: Bytes = match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
-        Err(e) => {
-            return Err((
-                "bad_body",
-                ApiError::new(
-                    ErrorCode::MalformedBody,
-                    format!("could not read the body: {e}"),
-                ),
-            ))
-        }
-    };
-    // 3. Verify on the raw bytes.
     let get = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
-    let verified = delivery::check(src, get, &bytes, Utc::now()).map_err(|r| {
-        tracing::info!(source = %src.name, code = %r.code, outcome = r.outcome, "webhook delivery refused");
-        (r.outcome, ApiError::new(r.code, r.message))
-    })?;
+    let verify = |body: &[u8]| {
+        delivery::check(src, get, body, Utc::now()).map_err(|r| {
+            tracing::info!(source = %src.name, code = %r.code, outcome = r.outcome, "webhook delivery refused");
+            (r.outcome, ApiError::new(r.code, r.message))
+        })
+    };
+    // GitLab's token does not depend on the body: refuse a forged delivery before reading it.
+    let early = match src.scheme {
+        WebhookScheme::Gitlab => Some(verify(b"")?),
+        WebhookScheme::Github | WebhookScheme::Standard => None,
+    };
+    // 2. Read, stopping at the limit (chunked bodies declare no length), reserving memory from
+    // the gateway-wide budget as bytes arrive, so a slow sender holds only what it has sent.
+    let (bytes, _reservation) = read_body(body, limit, state.webhook_buffer()).await?;
+    // 3. Verify on the raw bytes.
+    let mut verified = match early {
+        Some(v) => v,
+        None => verify(&bytes)?,
+    };
+    let sha = delivery::sha256_hex(&bytes);
+    verified.qualify(&sha);
     state
         .metrics()
         .webhook_verified_total
@@ -157,13 +147,18 @@ async fn accept(
             &"JetStream not ready",
         ));
     };
-    let sha = delivery::sha256_hex(&bytes);
     // 4. The ledger front.
     let seen = ledger_front(&stores, src, &verified, &sha)
         .await
         .map_err(|e| unavailable("ledger front unavailable", &e))?;
     let now = Utc::now().to_rfc3339();
-    let content_type = get(header::CONTENT_TYPE.as_str()).unwrap_or_default();
+    // Bounded: headers must leave the message room for the body (ENVELOPE_OVERHEAD_BYTES).
+    let content_type: String = get(header::CONTENT_TYPE.as_str())
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| c.is_ascii_graphic() || *c == ' ')
+        .take(255)
+        .collect();
     let base = |msg_id: String| {
         PublishMessage::build()
             .message_id(msg_id)
@@ -175,7 +170,7 @@ async fn accept(
             .header(h::RECEIVED_AT, now.as_str())
             .header(h::BODY_SHA256, sha.as_str())
             .header(h::BODY_SIZE, bytes.len().to_string().as_str())
-            .header(h::CONTENT_TYPE, content_type)
+            .header(h::CONTENT_TYPE, content_type.as_str())
     };
     if let Seen::Tampered { first_sha256 } = seen {
         // Refuse, but only once the attempt is durably queued for the audit log.
@@ -195,6 +190,15 @@ async fn accept(
                 "this delivery id was already received with a different body",
             ),
         ));
+    }
+    if let Seen::Duplicate { published: true } = seen {
+        // A copy is already in JetStream: processed once, nothing more to store or publish.
+        return Ok(Accepted {
+            source: src.name.clone(),
+            delivery_id: verified.delivery_id,
+            status: "queued",
+            duplicate: true,
+        });
     }
     // 5. Claim-check what does not fit one message.
     let max_payload = usize::try_from(state.settings().nats.stream.max_message_bytes)
@@ -220,8 +224,8 @@ async fn accept(
         msg = msg.payload(bytes.clone());
         None
     };
-    // 6. Publish. Always, even when the front says duplicate: an earlier attempt may have
-    // failed after the front recorded it. JetStream's dedup or the database ledger absorbs it.
+    // 6. Publish, also for a duplicate whose first copy is not known to be in JetStream (its
+    // publish may have failed): JetStream's window or the database ledger absorbs a second copy.
     let ack = publish(state, topology::SUBJECT_WEBHOOK_DELIVER, msg)
         .await
         .map_err(|e| unavailable("publish not acknowledged", &e))?;
@@ -229,16 +233,33 @@ async fn accept(
         // JetStream dropped our message as a duplicate: nothing refers to this copy.
         let _ = stores.bodies.delete(object).await;
     }
+    // Later copies need not be published. Best effort: without the mark they are published
+    // and deduplicated downstream.
+    let id_key = delivery::kv_id_key(&src.name, &verified.delivery_id);
+    if let Err(e) = stores
+        .ledger
+        .put(&id_key, format!("{sha}{PUBLISHED}").into())
+        .await
+    {
+        tracing::debug!(error = %e, "could not mark the delivery published");
+    }
     Ok(Accepted {
         source: src.name.clone(),
         delivery_id: verified.delivery_id,
         status: "queued",
-        duplicate: ack.duplicate || matches!(seen, Seen::Duplicate),
+        duplicate: ack.duplicate || matches!(seen, Seen::Duplicate { .. }),
     })
 }
 
+/// Marks the KV value of a delivery id whose message JetStream acknowledged.
+const PUBLISHED: &str = " published";
+
 /// Records the delivery id (and, for GitHub, the body) in the KV front, atomically, and says
-/// whether it is new, a duplicate, or a reuse of the id with another body.
+/// whether it is new, a duplicate (and whether a copy is already known to be in JetStream), or a
+/// reuse of the id with another body.
+///
+/// Values: `{source}.id.{h(id)}` → `{body sha}` then `{body sha} published` once a publish was
+/// acknowledged; `{source}.body.{sha}` → the first delivery id with that body.
 async fn ledger_front(
     stores: &WebhookStores,
     src: &ResolvedSource,
@@ -246,37 +267,119 @@ async fn ledger_front(
     sha: &str,
 ) -> Result<Seen, async_nats::Error> {
     let kv = &stores.ledger;
+    let body_key = delivery::kv_body_key(&src.name, sha);
+    if src.dedup_by_body() {
+        // The same signed body under another delivery id is a replay: nothing to store or
+        // publish when the first copy is in JetStream. Read-only, so replays under random ids
+        // write nothing.
+        if let Some(first) = kv.get(&body_key).await? {
+            let first = String::from_utf8_lossy(&first).into_owned();
+            if first != v.delivery_id {
+                let first_value = kv.get(delivery::kv_id_key(&src.name, &first)).await?;
+                if first_value.is_some_and(|f| f.ends_with(PUBLISHED.as_bytes())) {
+                    return Ok(Seen::Duplicate { published: true });
+                }
+            }
+        }
+    }
     let id_key = delivery::kv_id_key(&src.name, &v.delivery_id);
-    let mut seen = Seen::New;
-    match kv
+    let seen = match kv
         .create(&id_key, Bytes::copy_from_slice(sha.as_bytes()))
         .await
     {
-        Ok(_) => {}
+        Ok(_) => Seen::New,
         Err(e) if e.kind() == CreateErrorKind::AlreadyExists => match kv.get(&id_key).await? {
-            Some(first) if first.as_ref() == sha.as_bytes() => seen = Seen::Duplicate,
-            Some(first) => {
-                return Ok(Seen::Tampered {
-                    first_sha256: String::from_utf8_lossy(&first).into_owned(),
-                })
+            Some(value) => {
+                let value = String::from_utf8_lossy(&value);
+                let (first_sha, published) = match value.strip_suffix(PUBLISHED) {
+                    Some(first) => (first.to_owned(), true),
+                    None => (value.into_owned(), false),
+                };
+                if first_sha != sha {
+                    return Ok(Seen::Tampered {
+                        first_sha256: first_sha,
+                    });
+                }
+                Seen::Duplicate { published }
             }
             // Expired between the two calls: treat as new; the database ledger still guards.
-            None => {}
+            None => Seen::New,
         },
         Err(e) => return Err(e.into()),
-    }
+    };
     if src.dedup_by_body() {
-        let body_key = delivery::kv_body_key(&src.name, sha);
         match kv
             .create(&body_key, Bytes::copy_from_slice(v.delivery_id.as_bytes()))
             .await
         {
             Ok(_) => {}
-            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => seen = Seen::Duplicate,
+            // Another id has this body but its copy is not known to be published: this copy
+            // goes out too, and the database ledger records the replay.
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
             Err(e) => return Err(e.into()),
         }
     }
     Ok(seen)
+}
+
+/// Reads the body up to `limit` bytes, reserving it from the budget (KiB permits) as it comes.
+async fn read_body(
+    body: Body,
+    limit: usize,
+    budget: &Arc<Semaphore>,
+) -> Result<(Bytes, Option<OwnedSemaphorePermit>), Failed> {
+    /// Reservations grow by at least this much, so a body is not a semaphore call per chunk.
+    const STEP_KIB: u32 = 64;
+    let limit_kib = u32::try_from(limit.div_ceil(1024)).unwrap_or(u32::MAX);
+    let mut stream = body.into_data_stream();
+    let mut buf = BytesMut::new();
+    let mut permit: Option<OwnedSemaphorePermit> = None;
+    let mut reserved_kib: u32 = 0;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            (
+                "bad_body",
+                ApiError::new(
+                    ErrorCode::MalformedBody,
+                    format!("could not read the body: {e}"),
+                ),
+            )
+        })?;
+        let len = buf.len() + chunk.len();
+        if len > limit {
+            return Err((
+                "too_large",
+                ApiError::new(
+                    ErrorCode::PayloadTooLarge,
+                    format!("the body is larger than this source's limit of {limit} bytes"),
+                ),
+            ));
+        }
+        let need = u32::try_from(len.div_ceil(1024)).unwrap_or(u32::MAX);
+        if need > reserved_kib {
+            let more = (need - reserved_kib).max(STEP_KIB).min(
+                limit_kib
+                    .saturating_sub(reserved_kib)
+                    .max(need - reserved_kib),
+            );
+            let p = budget.clone().try_acquire_many_owned(more).map_err(|_| {
+                (
+                    "overloaded",
+                    ApiError::new(
+                        ErrorCode::Overloaded,
+                        "too many webhook bodies in memory; retry shortly",
+                    ),
+                )
+            })?;
+            match &mut permit {
+                Some(held) => held.merge(p),
+                None => permit = Some(p),
+            }
+            reserved_kib += more;
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok((buf.freeze(), permit))
 }
 
 async fn publish(
