@@ -195,8 +195,8 @@ pub struct GatewaySettings {
     pub max_in_flight_requests: usize,
     /// API keys allowed to call the task API.
     pub api_keys: Vec<ApiKeySettings>,
-    /// Webhook bodies the gateway may hold in memory at once, across all requests. A delivery
-    /// that would exceed it is answered 503 (MHV-013) before its body is read.
+    /// Webhook bodies the gateway may hold in memory at once, across all requests. Each request
+    /// reserves from it as its body arrives; one that cannot is answered 503 (MHV-013).
     pub webhook_max_buffered_bytes: usize,
 }
 
@@ -397,7 +397,8 @@ pub struct WebhookRule {
     /// Event name: `X-GitHub-Event` (`issues`), `X-Gitlab-Event` (`Issue Hook`), or the body's
     /// `type` for Standard Webhooks.
     pub event: String,
-    /// Any of these actions (GitHub `action`, GitLab `object_attributes.action`); empty: any.
+    /// Any of these actions (GitHub `action`, GitLab `object_attributes.action`, Standard
+    /// `data.action`); empty: any.
     #[serde(default)]
     pub actions: Vec<String>,
     /// Any of these labels on the issue or merge/pull request; empty: any.

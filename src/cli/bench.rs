@@ -3,11 +3,18 @@
 //! (b) authenticated `POST /v1/tasks` through the gateway at N concurrent connections —
 //!     throughput, p50/p99/p99.9 latency (HDR histogram), errors and gateway RSS;
 //! (c) the rate at which queued tasks become persisted-and-audited rows with two workers,
-//!     against a baseline of one message per transaction with the same SQL.
+//!     against a baseline of one message per transaction with the same SQL;
+//! (d) signed GitHub-style `POST /v1/webhooks/{source}` at the same concurrency, against (b) as
+//!     the baseline (what verification and the ledger front cost);
+//! (e) the rate at which two workers turn those deliveries into ledger rows, tasks and audit
+//!     rows, against (c).
 //! It starts its own nats-server (random port, temporary store), bench database, gateway and
 //! workers, so it never touches a running stack. Figures are printed with the ratios and targets.
 
-use crate::config::{ApiKeySettings, LogFormat, Settings};
+use crate::config::{
+    ApiKeySettings, LogFormat, Settings, WebhookRule, WebhookScheme, WebhookSecret, WebhookSource,
+    WebhookTaskTemplate,
+};
 use crate::devstack::{nats::NatsServer, postgres::TestDatabase};
 use crate::envelope::{self, Envelope};
 use crate::task::TaskRequest;
@@ -61,6 +68,11 @@ pub async fn run(base: Settings, args: BenchArgs) -> anyhow::Result<()> {
         sha256: crate::config::hash_api_key(&key),
     }];
     settings.worker.metrics_listen = String::new();
+    let hook_secret = super::generate_key();
+    settings
+        .webhooks
+        .sources
+        .insert(BENCH_SOURCE.into(), bench_source());
     settings.log.format = LogFormat::Json;
     settings.log.filter = "warn".into();
     settings.validate()?;
@@ -103,6 +115,7 @@ pub async fn run(base: Settings, args: BenchArgs) -> anyhow::Result<()> {
                 .arg(&config)
                 .env("MHV_DATABASE__URL", &db.url)
                 .env("MHV_NATS__URL", nats.url())
+                .env(BENCH_SECRET_ENV, &hook_secret)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -117,12 +130,23 @@ pub async fn run(base: Settings, args: BenchArgs) -> anyhow::Result<()> {
         cpu_secs(nats.pid()),
         cpu_secs(None),
     ];
+    let task_body = bytes::Bytes::from(serde_json::to_vec(&serde_json::json!({
+        "title": "Benchmark task", "repository": "bench", "priority": "high",
+        "description": "A task created by mhv bench; its text is redacted in the audit log."
+    }))?);
+    let auth = format!("Bearer {key}");
     let http = http_load(
         &settings.gateway.listen,
-        &key,
         args.connections,
         Duration::from_secs(args.http_seconds),
         gateway.0.id(),
+        move |host: &str, _n: u64| {
+            Ok(hyper::Request::post("/v1/tasks")
+                .header("host", host)
+                .header("authorization", auth.as_str())
+                .header("content-type", "application/json")
+                .body(http_body_util::Full::new(task_body.clone()))?)
+        },
     )
     .await?;
     let ratio_b = http.rate / raw_rate;
@@ -156,13 +180,74 @@ pub async fn run(base: Settings, args: BenchArgs) -> anyhow::Result<()> {
     let pool = sqlx::PgPool::connect(&db.url).await?;
     let want = i64::try_from(http.ok)?;
     let workers = vec![spawn("mhv-worker")?, spawn("mhv-worker")?];
-    let e2e_secs = time_drain(&pool, want, Duration::from_secs(600)).await?;
+    let e2e_secs = time_drain(&pool, "tasks", want, Duration::from_secs(600)).await?;
     let audited: i64 = sqlx::query_scalar("SELECT count(*) FROM task_audit_log")
         .fetch_one(&pool)
         .await?;
     drop(workers);
     let e2e_rate = want as f64 / e2e_secs;
     println!("(c) end to end, 2 workers:     {e2e_rate:>10.0} tasks/s persisted and audited ({want} tasks, {audited} audit rows)");
+
+    // (d) and (e): the same for webhooks, with (b) and (c) as their baselines.
+    let gateway = spawn("mhv-gateway")?;
+    wait_ready(&base_url).await?;
+    // (d) webhooks, the gateway alone again: each request a new signed delivery with its own body
+    // (GitHub sources deduplicate on the body too).
+    let cpu_before = cpu_secs(Some(gateway.0.id()));
+    let secret = hook_secret.clone();
+    let hooks = http_load(
+        &settings.gateway.listen,
+        args.connections,
+        Duration::from_secs(args.http_seconds),
+        gateway.0.id(),
+        move |host: &str, n: u64| {
+            use hmac::Mac as _;
+            let body = serde_json::to_vec(&serde_json::json!({
+                "action": "opened",
+                "issue": {"number": n, "title": format!("Bench issue {n}"), "body": "Opened by mhv bench."},
+                "repository": {"name": "bench", "full_name": "mhv/bench", "default_branch": "main"},
+                "sender": {"login": "mhv-bench"}
+            }))?;
+            let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes())?;
+            mac.update(&body);
+            let sig = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+            Ok(hyper::Request::post(format!("/v1/webhooks/{BENCH_SOURCE}"))
+                .header("host", host)
+                .header("x-github-event", "issues")
+                .header("x-github-delivery", format!("bench-{n}"))
+                .header("x-hub-signature-256", sig)
+                .header("content-type", "application/json")
+                .body(http_body_util::Full::new(bytes::Bytes::from(body)))?)
+        },
+    )
+    .await?;
+    let hook_cpu = (cpu_secs(Some(gateway.0.id())) - cpu_before) * 1e6
+        / (hooks.ok + hooks.errors).max(1) as f64;
+    let ratio_d = hooks.rate / http.rate;
+    println!(
+        "(d) POST /v1/webhooks/{BENCH_SOURCE}, {} connections: {:>10.0} req/s  p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  errors {}  ({} requests)",
+        args.connections, hooks.rate, hooks.p50_ms, hooks.p99_ms, hooks.p999_ms, hooks.errors, hooks.ok + hooks.errors
+    );
+    println!(
+        "    gateway CPU per delivery {hook_cpu:.1} µs; {:.2}x the rate of (b), the gateway's task API",
+        ratio_d
+    );
+    drop(gateway);
+    let hooks_want = i64::try_from(hooks.ok)?;
+    let workers = vec![spawn("mhv-worker")?, spawn("mhv-worker")?];
+    let hook_secs = time_drain(
+        &pool,
+        "webhook_deliveries",
+        hooks_want,
+        Duration::from_secs(600),
+    )
+    .await?;
+    drop(workers);
+    let hook_rate = hooks_want as f64 / hook_secs;
+    println!(
+        "(e) webhook deliveries end to end, 2 workers: {hook_rate:>10.0} deliveries/s to ledger row + body + task + audit rows ({hooks_want} deliveries; {:.2}x the rate of (c))",
+        hook_rate / e2e_rate
+    );
 
     // Baseline for (c): one message per transaction, same SQL, same concurrency as the workers.
     let conc = 2 * settings.worker.max_in_flight_batches;
@@ -190,10 +275,51 @@ pub async fn run(base: Settings, args: BenchArgs) -> anyhow::Result<()> {
         http.rss_peak_mib,
         verdict(http.rss_peak_mib <= 64.0)
     );
+    println!(
+        "  (d)/(b) = {ratio_d:.2}x   webhooks against the task API on the same gateway (no target)"
+    );
+    println!(
+        "  (e)/(c) = {:.2}x   webhook deliveries against tasks through the workers (no target)",
+        hook_rate / e2e_rate
+    );
     pool.close().await;
     drop(nats);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// The webhook source the bench posts to.
+const BENCH_SOURCE: &str = "bench-github";
+/// Environment variable that carries its secret to the gateway (not an `MHV_` setting).
+const BENCH_SECRET_ENV: &str = "MAHAVISHNU_BENCH_WEBHOOK_SECRET";
+
+fn bench_source() -> WebhookSource {
+    WebhookSource {
+        scheme: WebhookScheme::Github,
+        secrets: vec![WebhookSecret {
+            id: "bench".into(),
+            secret: None,
+            env: Some(BENCH_SECRET_ENV.into()),
+            expires_at: None,
+        }],
+        body_limit_bytes: 1 << 20,
+        tolerance_secs: 300,
+        rules: vec![WebhookRule {
+            name: "issue-opened".into(),
+            event: "issues".into(),
+            actions: vec!["opened".into()],
+            labels: vec![],
+            branches: vec![],
+            task: WebhookTaskTemplate {
+                title: "Issue #{issue.number}: {issue.title}".into(),
+                repository: "{repository.name}".into(),
+                description: None,
+                priority: None,
+                action: None,
+                tags: vec![],
+            },
+        }],
+    }
 }
 
 fn verdict(ok: bool) -> &'static str {
@@ -268,19 +394,19 @@ struct HttpResult {
 /// `connections` HTTP/1.1 keep-alive connections, each sending requests back to back for
 /// `duration`. A bare hyper client keeps the load generator's own CPU use low: it shares the two
 /// cores with everything it measures.
-async fn http_load(
+async fn http_load<F>(
     addr: &str,
-    key: &str,
     connections: usize,
     duration: Duration,
     gateway_pid: u32,
-) -> anyhow::Result<HttpResult> {
-    use http_body_util::Full;
-    let body = bytes::Bytes::from(serde_json::to_vec(&serde_json::json!({
-        "title": "Benchmark task", "repository": "bench", "priority": "high",
-        "description": "A task created by mhv bench; its text is redacted in the audit log."
-    }))?);
-    let auth = format!("Bearer {key}");
+    request: F,
+) -> anyhow::Result<HttpResult>
+where
+    F: Fn(&str, u64) -> anyhow::Result<hyper::Request<http_body_util::Full<bytes::Bytes>>>
+        + Clone
+        + Send
+        + 'static,
+{
     let deadline = Instant::now() + duration;
     let start = Instant::now();
     let peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -297,8 +423,8 @@ async fn http_load(
         })
     };
     let mut handles = Vec::new();
-    for _ in 0..connections {
-        let (addr, auth, body) = (addr.to_owned(), auth.clone(), body.clone());
+    for c in 0..connections {
+        let (addr, request) = (addr.to_owned(), request.clone());
         handles.push(tokio::spawn(async move {
             let stream = tokio::net::TcpStream::connect(&addr).await?;
             stream.set_nodelay(true)?;
@@ -308,12 +434,10 @@ async fn http_load(
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             let (mut ok, mut errors) = (0u64, 0u64);
+            let mut n = (c as u64) << 32;
             while Instant::now() < deadline {
-                let req = hyper::Request::post("/v1/tasks")
-                    .header("host", addr.as_str())
-                    .header("authorization", auth.as_str())
-                    .header("content-type", "application/json")
-                    .body(Full::new(body.clone()))?;
+                n += 1;
+                let req = request(addr.as_str(), n)?;
                 let t = Instant::now();
                 sender.ready().await?;
                 let resp = sender.send_request(req).await?;
@@ -405,12 +529,17 @@ async fn wait_ready(base: &str) -> anyhow::Result<()> {
     bail!("gateway not ready within 30 s")
 }
 
-/// Seconds from the first persisted task seen to the `want`-th.
-async fn time_drain(pool: &sqlx::PgPool, want: i64, timeout: Duration) -> anyhow::Result<f64> {
+/// Seconds from the first row of `table` seen to the `want`-th.
+async fn time_drain(
+    pool: &sqlx::PgPool,
+    table: &'static str,
+    want: i64,
+    timeout: Duration,
+) -> anyhow::Result<f64> {
     let start = Instant::now();
     let mut first: Option<Instant> = None;
     loop {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
+        let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
             .fetch_one(pool)
             .await?;
         if n > 0 && first.is_none() {
@@ -420,7 +549,7 @@ async fn time_drain(pool: &sqlx::PgPool, want: i64, timeout: Duration) -> anyhow
             return Ok(first.map_or(0.0, |f| f.elapsed().as_secs_f64()).max(1e-3));
         }
         if start.elapsed() > timeout {
-            bail!("only {n} of {want} tasks persisted within {timeout:?}");
+            bail!("only {n} of {want} {table} rows persisted within {timeout:?}");
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -249,7 +249,7 @@ pub async fn run(mut settings: Settings, args: UpArgs) -> anyhow::Result<()> {
 }
 
 /// The version of the nats-server at `url` when it is older than we support (the consumer
-/// needs 2.10+ for its two filter subjects).
+/// needs 2.10+ for its several filter subjects).
 async fn old_nats_version(url: &str) -> Option<String> {
     let c = tokio::time::timeout(Duration::from_secs(3), async_nats::connect(url))
         .await

@@ -89,7 +89,7 @@ fn list(s: &Settings) {
                 (Some(_), _) => "inline".to_owned(),
                 (_, Some(var)) => format!(
                     "env {var} ({})",
-                    if std::env::var_os(var).is_some() {
+                    if std::env::var(var).is_ok_and(|v| !v.is_empty()) {
                         "set"
                     } else {
                         "NOT SET"

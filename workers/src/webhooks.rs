@@ -33,24 +33,40 @@ pub fn is_webhook_subject(subject: &str) -> bool {
 pub async fn handle_messages(ctx: &Arc<Ctx>, msgs: Vec<jetstream::Message>) {
     let msgs = Arc::new(msgs);
     let heartbeat = crate::ingest::heartbeat(ctx, Arc::clone(&msgs));
-    for msg in msgs.iter() {
-        let mut body = None;
-        let result = match msg.subject.as_str() {
-            topology::SUBJECT_WEBHOOK_DELIVER => deliver(ctx, msg, &mut body).await,
-            topology::SUBJECT_WEBHOOK_TAMPERED => tampered(ctx, msg).await,
-            topology::SUBJECT_WEBHOOK_REDELIVER => redeliver(ctx, msg).await,
-            _ => Err(Failure::Poison(
+    let n = msgs.len();
+    let mut results: Vec<Option<Result<Done, Failure>>> = (0..n).map(|_| None).collect();
+    let mut bodies: Vec<Option<bytes::Bytes>> = vec![None; n];
+    let mut ready: Vec<(usize, Prepared)> = Vec::new();
+    for (i, msg) in msgs.iter().enumerate() {
+        results[i] = match msg.subject.as_str() {
+            topology::SUBJECT_WEBHOOK_DELIVER => match prepare(ctx, msg, &mut bodies[i]).await {
+                Ok(Ok(p)) => {
+                    ready.push((i, p));
+                    None
+                }
+                Ok(Err(done)) => Some(Ok(done)),
+                Err(f) => Some(Err(f)),
+            },
+            topology::SUBJECT_WEBHOOK_TAMPERED => Some(tampered(ctx, msg).await),
+            topology::SUBJECT_WEBHOOK_REDELIVER => Some(redeliver(ctx, msg).await),
+            _ => Some(Err(Failure::Poison(
                 ErrorCode::Validation,
                 "unknown webhook subject".into(),
-            )),
+            ))),
         };
+    }
+    for (i, r) in record_deliveries(ctx, ready).await {
+        results[i] = Some(r);
+    }
+    for ((msg, result), body) in msgs.iter().zip(results).zip(bodies) {
         let deliveries = msg.info().map(|i| i.delivered).unwrap_or(1);
         let result = match result {
-            Err(Failure::Bounded(code, why)) if deliveries >= BOUNDED_DELIVERIES => Err(
+            None => Err(Failure::Transient("not handled".into())),
+            Some(Err(Failure::Bounded(code, why))) if deliveries >= BOUNDED_DELIVERIES => Err(
                 Failure::Poison(code, format!("{why} (after {deliveries} deliveries)")),
             ),
-            Err(Failure::Bounded(_, why)) => Err(Failure::Transient(why)),
-            other => other,
+            Some(Err(Failure::Bounded(_, why))) => Err(Failure::Transient(why)),
+            Some(other) => other,
         };
         match result {
             Ok(done) => {
@@ -69,6 +85,97 @@ pub async fn handle_messages(ctx: &Arc<Ctx>, msgs: Vec<jetstream::Message>) {
         }
     }
     heartbeat.abort();
+}
+
+/// Writes every prepared delivery of a pull in one transaction (one commit, and so one WAL
+/// flush, for all of them), in key order so that concurrent batches take their row locks in
+/// the same order. If the batch fails for a reason a retry cannot fix, each delivery is tried
+/// alone, so one bad delivery cannot hold up the others.
+async fn record_deliveries(
+    ctx: &Arc<Ctx>,
+    mut ready: Vec<(usize, Prepared)>,
+) -> Vec<(usize, Result<Done, Failure>)> {
+    if ready.is_empty() {
+        return Vec::new();
+    }
+    ready.sort_by(|a, b| {
+        (&a.1.m.source, &a.1.m.delivery_id).cmp(&(&b.1.m.source, &b.1.m.delivery_id))
+    });
+    let ready = Arc::new(ready);
+    let started = std::time::Instant::now();
+    let result = record_in_one(ctx, Arc::clone(&ready)).await;
+    ctx.metrics
+        .transaction_seconds
+        .observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok(labels) => ready
+            .iter()
+            .zip(labels)
+            .map(|((i, p), label)| (*i, Ok(settled(ctx, p, label))))
+            .collect(),
+        Err(e) if e.is_transient() || ready.len() == 1 => {
+            let why = e.to_string();
+            ready
+                .iter()
+                .map(|(i, _)| (*i, Err(failure(e.is_transient(), &why))))
+                .collect()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, deliveries = ready.len(), "webhook batch failed; retrying one by one");
+            let mut out = Vec::with_capacity(ready.len());
+            for (i, p) in ready.iter() {
+                let one = Arc::new(vec![(*i, p.clone())]);
+                let r = match record_in_one(ctx, one).await {
+                    Ok(labels) => Ok(settled(ctx, p, labels[0])),
+                    Err(e) => Err(failure(e.is_transient(), &e.to_string())),
+                };
+                out.push((*i, r));
+            }
+            out
+        }
+    }
+}
+
+fn failure(transient: bool, why: &str) -> Failure {
+    if transient {
+        Failure::Transient(why.to_owned())
+    } else {
+        Failure::Poison(
+            ErrorCode::TaskCreationFailed,
+            format!("the database refused the delivery: {why}"),
+        )
+    }
+}
+
+fn settled(ctx: &Ctx, p: &Prepared, label: &'static str) -> Done {
+    let source = source_label(ctx, &p.m.source);
+    if label == "tampered" {
+        tracing::warn!(source = %source, "webhook delivery id reused with a different body; refused and audited");
+    }
+    ctx.metrics
+        .webhook_deliveries_total
+        .with_label_values(&[source.as_str(), label])
+        .inc();
+    Done {
+        delete_object: p.m.claim_check.clone(),
+    }
+}
+
+async fn record_in_one(
+    ctx: &Ctx,
+    ready: Arc<Vec<(usize, Prepared)>>,
+) -> Result<Vec<&'static str>, db::TxError> {
+    let pool = ctx.pool.clone();
+    db::detached(async move {
+        let mut tx = pool.begin().await?;
+        let mut labels = Vec::with_capacity(ready.len());
+        for (_, p) in ready.iter() {
+            labels.push(record(&mut tx, p).await?);
+        }
+        tx.commit().await?;
+        Ok(labels)
+    })
+    .await
 }
 
 /// `Bounded` failures were mapped above; NAK if one ever gets here rather than panic.
@@ -108,6 +215,7 @@ impl From<db::TxError> for Failure {
     }
 }
 
+#[derive(Clone)]
 struct Meta {
     source: String,
     delivery_id: String,
@@ -181,11 +289,26 @@ fn scheme_of(ctx: &Ctx, source: &str) -> Option<WebhookScheme> {
     ctx.settings.webhooks.sources.get(source).map(|s| s.scheme)
 }
 
-async fn deliver(
+/// A delivery ready for its transaction: decoded, its body fetched and checked, routed.
+#[derive(Clone)]
+struct Prepared {
+    m: Meta,
+    scheme: WebhookScheme,
+    body: bytes::Bytes,
+    event: String,
+    routed: Routed,
+    attempt_key: String,
+    stream_seq: u64,
+    subject: String,
+}
+
+/// Everything about a delivery that needs no transaction. `Ok(Err(done))`: nothing to write
+/// (a claim-checked copy of a delivery already committed).
+async fn prepare(
     ctx: &Arc<Ctx>,
     msg: &jetstream::Message,
     fetched: &mut Option<bytes::Bytes>,
-) -> Result<Done, Failure> {
+) -> Result<Result<Prepared, Done>, Failure> {
     let m = meta(msg)?;
     let Some(scheme) = scheme_of(ctx, &m.source) else {
         // A rolling deploy can briefly run a worker that does not know a new source yet; a
@@ -203,7 +326,7 @@ async fn deliver(
                 *fetched = Some(b.clone());
                 b
             }
-            None => return missing_body(ctx, &m).await,
+            None => return missing_body(ctx, &m).await.map(Err),
         },
     };
     if sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(&body)).as_slice()
@@ -229,143 +352,144 @@ async fn deliver(
         &ctx.limits,
         m.received_at,
     );
-    let key = delivery::task_key(&m.source, &m.delivery_id);
-    let attempt_key = attempt_key(msg);
-    let pool = ctx.pool.clone();
-    let raw = Raw {
+    Ok(Ok(Prepared {
+        attempt_key: attempt_key(msg),
+        stream_seq: msg.info().map(|i| i.stream_sequence).unwrap_or(0),
         subject: msg.subject.to_string(),
+        m,
+        scheme,
+        body,
+        event,
+        routed,
+    }))
+}
+
+/// One delivery's writes inside the caller's transaction; returns the metric label.
+async fn record(tx: &mut sqlx::PgConnection, p: &Prepared) -> Result<&'static str, sqlx::Error> {
+    let Prepared {
+        m,
+        scheme,
+        body,
+        event,
+        routed,
+        attempt_key,
+        stream_seq,
+        subject,
+    } = p;
+    let (scheme, stream_seq) = (*scheme, *stream_seq);
+    let key = delivery::task_key(&m.source, &m.delivery_id);
+    let claim = &m.claim_check;
+    let raw = Raw {
+        subject: subject.clone(),
         headers: json!({"source": m.source, "delivery_id": m.delivery_id}),
         payload: bytes::Bytes::new(),
     };
-    let stream_seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-    let source_label = source_label(ctx, &m.source);
-    let claim = m.claim_check.clone();
-    let outcome = db::detached(async move {
-        let mut tx = pool.begin().await?;
-        let inserted: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO webhook_deliveries (source, delivery_id, scheme, event, body_sha256, dedup_by_body,
-                                             secret_id, content_type, body, verdict, rule, reason, received_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
-             ON CONFLICT DO NOTHING
-             RETURNING id",
+    let inserted: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO webhook_deliveries (source, delivery_id, scheme, event, body_sha256, dedup_by_body,
+                                         secret_id, content_type, body, verdict, rule, reason, received_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+         ON CONFLICT DO NOTHING
+         RETURNING id",
+    )
+    .bind(&m.source)
+    .bind(&m.delivery_id)
+    .bind(scheme.as_str())
+    .bind(event)
+    .bind(m.body_sha256.as_slice())
+    .bind(delivery::dedup_by_body(scheme))
+    .bind(&m.secret_id)
+    .bind(&m.content_type)
+    .bind(body.as_ref())
+    .bind(routed.verdict())
+    .bind(routed.rule())
+    .bind(routed.reason())
+    .bind(m.received_at)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let label;
+    if let Some(row) = inserted {
+        let (verdict, task_id) =
+            make_task(&mut *tx, routed, &key, &m.source, raw, stream_seq).await?;
+        if verdict != routed.verdict() || task_id.is_some() {
+            // The task's own guard had the last word (an inbox key reused with another
+            // task after the ledger row was pruned is refused as MHV-106).
+            let reason = (verdict == "invalid" && routed.verdict() != "invalid").then(|| {
+                format!("{key} already made a different task (MHV-106); the first stands")
+            });
+            sqlx::query(
+                "UPDATE webhook_deliveries
+                 SET verdict = $1, reason = COALESCE($2, reason),
+                     task_id = (SELECT id FROM tasks WHERE id = $3)
+                 WHERE id = $4",
+            )
+            .bind(verdict)
+            .bind(reason)
+            .bind(task_id)
+            .bind(row)
+            .execute(&mut *tx)
+            .await?;
+        }
+        label = verdict;
+        audit(
+            &mut *tx,
+            &format!("recv:{}:{}", m.source, m.delivery_id),
+            &m.source,
+            &m.delivery_id,
+            "webhook_received",
+            &m.body_sha256,
+            json!({"verdict": verdict, "rule": routed.rule(), "reason": routed.reason(),
+                   "task_id": task_id, "event": event, "secret_id": m.secret_id,
+                   "size": body.len(), "claim_checked": claim.is_some()}),
+        )
+        .await?;
+    } else {
+        // Which earlier delivery holds the id (or, for GitHub, the body)?
+        let first: Option<(String, Vec<u8>)> = sqlx::query_as(
+            "SELECT delivery_id, body_sha256 FROM webhook_deliveries
+             WHERE source = $1 AND (delivery_id = $2 OR (dedup_by_body AND body_sha256 = $3))
+             ORDER BY (delivery_id = $2) DESC LIMIT 1",
         )
         .bind(&m.source)
         .bind(&m.delivery_id)
-        .bind(scheme.as_str())
-        .bind(&event)
         .bind(m.body_sha256.as_slice())
-        .bind(delivery::dedup_by_body(scheme))
-        .bind(&m.secret_id)
-        .bind(&m.content_type)
-        .bind(body.as_ref())
-        .bind(routed.verdict())
-        .bind(routed.rule())
-        .bind(routed.reason())
-        .bind(m.received_at)
         .fetch_optional(&mut *tx)
         .await?;
-        let label;
-        if let Some(row) = inserted {
-            let (verdict, task_id) =
-                make_task(&mut tx, &routed, &key, &m.source, raw, stream_seq).await?;
-            if verdict != routed.verdict() || task_id.is_some() {
-                // The task's own guard had the last word (an inbox key reused with another
-                // task after the ledger row was pruned is refused as MHV-106).
-                let reason = (verdict == "invalid" && routed.verdict() != "invalid").then(|| {
-                    format!("{key} already made a different task (MHV-106); the first stands")
-                });
-                sqlx::query(
-                    "UPDATE webhook_deliveries
-                     SET verdict = $1, reason = COALESCE($2, reason),
-                         task_id = (SELECT id FROM tasks WHERE id = $3)
-                     WHERE id = $4",
-                )
-                .bind(verdict)
-                .bind(reason)
-                .bind(task_id)
-                .bind(row)
-                .execute(&mut *tx)
-                .await?;
-            }
-            label = verdict;
-            audit(
-                &mut tx,
-                &format!("recv:{}:{}", m.source, m.delivery_id),
-                &m.source,
-                &m.delivery_id,
-                "webhook_received",
-                &m.body_sha256,
-                json!({"verdict": verdict, "rule": routed.rule(), "reason": routed.reason(),
-                       "task_id": task_id, "event": event, "secret_id": m.secret_id,
-                       "size": body.len(), "claim_checked": claim.is_some()}),
-            )
-            .await?;
+        let Some((first_id, first_sha)) = first else {
+            // Pruned between our insert and this read: try again later.
+            return Err(sqlx::Error::RowNotFound);
+        };
+        let (event_name, key) = if first_id != m.delivery_id {
+            ("webhook_replayed", attempt_key.clone())
+        } else if first_sha == m.body_sha256 {
+            ("webhook_duplicate", attempt_key.clone())
         } else {
-            // Which earlier delivery holds the id (or, for GitHub, the body)?
-            let first: Option<(String, Vec<u8>)> = sqlx::query_as(
-                "SELECT delivery_id, body_sha256 FROM webhook_deliveries
-                 WHERE source = $1 AND (delivery_id = $2 OR (dedup_by_body AND body_sha256 = $3))
-                 ORDER BY (delivery_id = $2) DESC LIMIT 1",
+            (
+                "webhook_tampered",
+                tamper_key(&m.source, &m.delivery_id, &hex::encode(m.body_sha256)),
             )
-            .bind(&m.source)
-            .bind(&m.delivery_id)
-            .bind(m.body_sha256.as_slice())
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some((first_id, first_sha)) = first else {
-                // Pruned between our insert and this read: try again later.
-                return Err(sqlx::Error::RowNotFound);
-            };
-            let (event_name, key) = if first_id != m.delivery_id {
-                ("webhook_replayed", attempt_key.clone())
-            } else if first_sha == m.body_sha256 {
-                ("webhook_duplicate", attempt_key.clone())
-            } else {
-                (
-                    "webhook_tampered",
-                    tamper_key(&m.source, &m.delivery_id, &hex::encode(m.body_sha256)),
-                )
-            };
-            label = match event_name {
-                "webhook_replayed" => "replayed",
-                "webhook_duplicate" => "duplicate",
-                _ => "tampered",
-            };
-            audit(
-                &mut tx,
-                &key,
-                &m.source,
-                &m.delivery_id,
-                event_name,
-                &m.body_sha256,
-                json!({"first_delivery_id": first_id, "first_body_sha256": hex::encode(&first_sha),
-                       "secret_id": m.secret_id, "size": body.len(), "detected_by": "worker"}),
-            )
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(label)
-    })
-    .await;
-    let label = match outcome {
-        Err(db::TxError::Db(sqlx::Error::RowNotFound)) => {
-            return Err(Failure::Transient("ledger row vanished".into()))
-        }
-        other => other?,
-    };
-    if label == "tampered" {
-        tracing::warn!(source = %source_label, "webhook delivery id reused with a different body; refused and audited");
+        };
+        label = match event_name {
+            "webhook_replayed" => "replayed",
+            "webhook_duplicate" => "duplicate",
+            _ => "tampered",
+        };
+        audit(
+            &mut *tx,
+            &key,
+            &m.source,
+            &m.delivery_id,
+            event_name,
+            &m.body_sha256,
+            json!({"first_delivery_id": first_id, "first_body_sha256": hex::encode(&first_sha),
+                   "secret_id": m.secret_id, "size": body.len(), "detected_by": "worker"}),
+        )
+        .await?;
     }
-    ctx.metrics
-        .webhook_deliveries_total
-        .with_label_values(&[source_label.as_str(), label])
-        .inc();
-    Ok(Done {
-        delete_object: m.claim_check,
-    })
+    Ok(label)
 }
 
 /// Routing outcome, before the transaction.
+#[derive(Clone)]
 enum Routed {
     Task {
         rule: String,
@@ -530,15 +654,19 @@ fn source_label(ctx: &Ctx, source: &str) -> String {
 async fn missing_body(ctx: &Arc<Ctx>, m: &Meta) -> Result<Done, Failure> {
     let pool = ctx.pool.clone();
     let (source, id, sha) = (m.source.clone(), m.delivery_id.clone(), m.body_sha256);
-    // The ledger has this id, or this body (a replay or a tampered copy committed earlier).
+    // The ledger has this id, or (GitHub) this body, or this copy was audited as tampering:
+    // a copy committed earlier whose body was deleted after that commit.
+    let tamper = tamper_key(&source, &id, &hex::encode(sha));
     let known: bool = db::detached(async move {
         sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM webhook_deliveries
-                            WHERE source = $1 AND (delivery_id = $2 OR body_sha256 = $3))",
+                            WHERE source = $1 AND (delivery_id = $2 OR (dedup_by_body AND body_sha256 = $3)))
+                 OR EXISTS (SELECT 1 FROM webhook_audit_log WHERE event_key = $4)",
         )
         .bind(source)
         .bind(id)
         .bind(sha.as_slice())
+        .bind(tamper)
         .fetch_one(&pool)
         .await
     })

@@ -233,16 +233,15 @@ async fn accept(
         // JetStream dropped our message as a duplicate: nothing refers to this copy.
         let _ = stores.bodies.delete(object).await;
     }
-    // Later copies need not be published. Best effort: without the mark they are published
-    // and deduplicated downstream.
+    // Later copies need not be published. Off the answer's path, and best effort: without the
+    // mark they are published and deduplicated downstream.
     let id_key = delivery::kv_id_key(&src.name, &verified.delivery_id);
-    if let Err(e) = stores
-        .ledger
-        .put(&id_key, format!("{sha}{PUBLISHED}").into())
-        .await
-    {
-        tracing::debug!(error = %e, "could not mark the delivery published");
-    }
+    let (ledger, mark) = (stores.ledger.clone(), format!("{sha}{PUBLISHED}"));
+    tokio::spawn(async move {
+        if let Err(e) = ledger.put(&id_key, mark.into()).await {
+            tracing::debug!(error = %e, "could not mark the delivery published");
+        }
+    });
     Ok(Accepted {
         source: src.name.clone(),
         delivery_id: verified.delivery_id,
