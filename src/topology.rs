@@ -114,29 +114,19 @@ pub async fn webhook_stores(
 ) -> anyhow::Result<(jetstream::kv::Store, jetstream::object_store::ObjectStore)> {
     use anyhow::Context as _;
     let w = &s.webhooks;
-    let kv = match js.get_key_value(&w.ledger_bucket).await {
-        Ok(kv) => kv,
-        Err(_) => match js
-            .create_key_value(jetstream::kv::Config {
-                bucket: w.ledger_bucket.clone(),
-                description: "Mahavishnu webhook ledger front: delivery id -> body hash".into(),
-                history: 1,
-                max_age: Duration::from_secs(u64::from(w.ledger_retention_days) * 86_400),
-                num_replicas: s.nats.stream.replicas,
-                storage: stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-        {
-            Ok(kv) => kv,
-            // Another process created it between our get and create.
-            Err(e) => js
-                .get_key_value(&w.ledger_bucket)
-                .await
-                .map_err(|_| e)
-                .with_context(|| format!("creating KV bucket {}", w.ledger_bucket))?,
-        },
-    };
+    // Create-or-update: a changed retention reaches an existing bucket.
+    let kv = js
+        .create_or_update_key_value(jetstream::kv::Config {
+            bucket: w.ledger_bucket.clone(),
+            description: "Mahavishnu webhook ledger front: delivery id -> body hash".into(),
+            history: 1,
+            max_age: Duration::from_secs(u64::from(w.ledger_retention_days) * 86_400),
+            num_replicas: s.nats.stream.replicas,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("creating or updating KV bucket {}", w.ledger_bucket))?;
     let objects = match js.get_object_store(&w.body_bucket).await {
         Ok(o) => o,
         Err(_) => match js
@@ -160,7 +150,29 @@ pub async fn webhook_stores(
                 .with_context(|| format!("creating object store {}", w.body_bucket))?,
         },
     };
+    // The object store has no update call: bring its stream's limits up to the settings.
+    let max_age = Duration::from_secs(w.claim_check_max_age_hours * 3_600);
+    let mut obj_stream = js
+        .get_stream(format!("OBJ_{}", w.body_bucket))
+        .await
+        .with_context(|| format!("reading object store {}", w.body_bucket))?;
+    let mut config = obj_stream.info().await?.config.clone();
+    if config.max_age != max_age || config.max_bytes != w.body_bucket_max_bytes {
+        config.max_age = max_age;
+        config.max_bytes = w.body_bucket_max_bytes;
+        js.update_stream(config)
+            .await
+            .with_context(|| format!("updating object store {}", w.body_bucket))?;
+    }
     Ok((kv, objects))
+}
+
+/// Names of the streams behind the webhook buckets (to check that they still exist).
+pub fn webhook_store_streams(s: &crate::config::Settings) -> [String; 2] {
+    [
+        format!("KV_{}", s.webhooks.ledger_bucket),
+        format!("OBJ_{}", s.webhooks.body_bucket),
+    ]
 }
 
 /// Connects to NATS with the options every Mahavishnu process uses: a name, retries on the

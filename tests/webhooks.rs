@@ -917,6 +917,43 @@ async fn the_memory_budget_sheds_load_before_reading_and_frees_on_disconnect() {
 }
 
 #[tokio::test]
+async fn lost_webhook_buckets_are_recreated_by_the_gateway() {
+    let stack = TestStack::start(with_github, 1).await;
+    stack.wait_pulling().await;
+    let js = async_nats::jetstream::new(stack.nats_client().await);
+    js.delete_key_value(&stack.settings.webhooks.ledger_bucket)
+        .await
+        .unwrap();
+    js.delete_object_store(&stack.settings.webhooks.body_bucket)
+        .await
+        .unwrap();
+    // Until the gateway notices, deliveries are refused with 503 (never a 2xx it cannot keep).
+    let start = Instant::now();
+    let mut refused = 0;
+    loop {
+        let body = issue("opened", 5, "After the loss", "");
+        let r = post_github(&stack, "github", "d-lost", "issues", body, GH_SECRET).await;
+        if r.status() == 202 {
+            break;
+        }
+        assert_eq!(r.status(), 503, "{:?}", r.text().await);
+        refused += 1;
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "buckets never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(refused > 0, "the first delivery found the bucket gone");
+    assert_eq!(
+        stack
+            .wait_count("SELECT count(*) FROM tasks", 1, Duration::from_secs(10))
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
 async fn refusals_carry_their_codes_and_leave_nothing_behind() {
     let stack = TestStack::start(
         |s| {

@@ -81,18 +81,20 @@ async fn watch_topology(state: AppState) {
                 }
             }
         } else {
-            match state
-                .js()
-                .get_stream(&state.settings().nats.stream.name)
-                .await
-            {
-                Ok(_) => true,
-                Err(e) => {
-                    tracing::warn!(error = %e, "task stream not found; will recreate");
-                    ensured = false;
-                    false
+            let mut streams = vec![state.settings().nats.stream.name.clone()];
+            if state.has_webhook_sources() {
+                streams.extend(topology::webhook_store_streams(state.settings()));
+            }
+            let mut ok = true;
+            for name in &streams {
+                if let Err(e) = state.js().get_stream(name).await {
+                    tracing::warn!(error = %e, stream = %name, "stream not found; will recreate");
+                    ok = false;
+                    break;
                 }
             }
+            ensured = ok;
+            ok
         };
         if ready != state.stream_ready() {
             tracing::info!(ready, "gateway readiness changed");
