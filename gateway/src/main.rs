@@ -19,6 +19,13 @@ async fn main() -> std::process::ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
+    // Webhook secrets given by `env` are read now: a missing one is a configuration error.
+    for (name, src) in &settings.webhooks.sources {
+        if let Err(e) = mahavishnu::webhooks::ResolvedSource::resolve(name, src) {
+            eprintln!("{e}");
+            return std::process::ExitCode::from(2);
+        }
+    }
     let listener = match tokio::net::TcpListener::bind(&settings.gateway.listen).await {
         Ok(l) => l,
         Err(e) => {

@@ -23,3 +23,26 @@ fn help_and_bad_config() {
         "{err}"
     );
 }
+
+#[test]
+fn an_unset_webhook_secret_variable_stops_the_gateway_with_mhv_001() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        "[webhooks.sources.github]\nscheme = \"github\"\nsecrets = [{ id = \"s1\", env = \"MAHAVISHNU_TEST_UNSET_SECRET\" }]\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mhv-gateway"))
+        .arg("--config")
+        .arg(&config)
+        .env_remove("MAHAVISHNU_TEST_UNSET_SECRET")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("MHV-001") && err.contains("MAHAVISHNU_TEST_UNSET_SECRET"),
+        "{err}"
+    );
+}
