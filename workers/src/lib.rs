@@ -10,6 +10,7 @@
 //! duplicate.
 
 pub mod audit;
+pub mod exec;
 pub mod ingest;
 pub mod metrics;
 pub mod persist;
