@@ -18,26 +18,34 @@ use super::Status;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-/// Every allowed `(from, to)` status change.
-pub const ALLOWED: &[(Status, Status)] = &[
-    (Status::Pending, Status::Queued),
-    (Status::Queued, Status::Running),
-    (Status::Running, Status::Completed),
-    (Status::Running, Status::Failed),
-    (Status::Running, Status::Queued),
-    (Status::Failed, Status::Queued),
-    (Status::Pending, Status::Blocked),
-    (Status::Queued, Status::Blocked),
-    (Status::Blocked, Status::Queued),
-    (Status::Pending, Status::Cancelled),
-    (Status::Queued, Status::Cancelled),
-    (Status::Running, Status::Cancelled),
-    (Status::Blocked, Status::Cancelled),
+/// Every allowed status change, by the status it starts from.
+pub const ALLOWED: &[(Status, &[Status])] = &[
+    (
+        Status::Pending,
+        &[Status::Queued, Status::Blocked, Status::Cancelled],
+    ),
+    (
+        Status::Queued,
+        &[Status::Running, Status::Blocked, Status::Cancelled],
+    ),
+    (
+        Status::Running,
+        &[
+            Status::Completed,
+            Status::Failed,
+            Status::Queued,
+            Status::Cancelled,
+        ],
+    ),
+    (Status::Failed, &[Status::Queued]),
+    (Status::Blocked, &[Status::Queued, Status::Cancelled]),
 ];
 
 /// True when `from → to` is an allowed change.
 pub fn allowed(from: Status, to: Status) -> bool {
-    ALLOWED.contains(&(from, to))
+    ALLOWED
+        .iter()
+        .any(|(f, tos)| *f == from && tos.contains(&to))
 }
 
 /// A named change, with the audit event it writes.
@@ -158,14 +166,7 @@ pub async fn apply(
     .fetch_optional(&mut *conn)
     .await?;
     let Some(prev) = prev.as_deref().and_then(Status::parse) else {
-        let current: Option<String> = sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1")
-            .bind(task)
-            .fetch_optional(&mut *conn)
-            .await?;
-        return Err(match current.as_deref().and_then(Status::parse) {
-            None => TransitionError::NotFound,
-            Some(current) => TransitionError::Conflict { current, wanted: t },
-        });
+        return Err(refused(conn, task, t).await);
     };
     let mut d = json!({"from": prev.as_str(), "to": t.to().as_str()});
     if let (Some(map), Value::Object(extra)) = (d.as_object_mut(), details) {
@@ -181,6 +182,22 @@ pub async fn apply(
     .execute(&mut *conn)
     .await?;
     Ok(prev)
+}
+
+/// Why a conditional update matched no row: the task is missing, or in another status.
+async fn refused(conn: &mut sqlx::PgConnection, task: Uuid, wanted: Transition) -> TransitionError {
+    let current: Result<Option<String>, sqlx::Error> =
+        sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1")
+            .bind(task)
+            .fetch_optional(&mut *conn)
+            .await;
+    match current {
+        Err(e) => TransitionError::Db(e),
+        Ok(s) => match s.as_deref().and_then(Status::parse) {
+            None => TransitionError::NotFound,
+            Some(current) => TransitionError::Conflict { current, wanted },
+        },
+    }
 }
 
 /// Assigns `task` to `user` (or unassigns it), audited as `task_assigned`. Refused once the task
@@ -201,17 +218,7 @@ pub async fn assign(
     .fetch_optional(&mut *conn)
     .await?;
     if done.is_none() {
-        let current: Option<String> = sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1")
-            .bind(task)
-            .fetch_optional(&mut *conn)
-            .await?;
-        return Err(match current.as_deref().and_then(Status::parse) {
-            None => TransitionError::NotFound,
-            Some(current) => TransitionError::Conflict {
-                current,
-                wanted: Transition::Start,
-            },
-        });
+        return Err(refused(conn, task, Transition::Start).await);
     }
     sqlx::query(
         "INSERT INTO task_audit_log (task_id, event, actor, details) VALUES ($1, 'task_assigned', $2, $3)",
