@@ -21,6 +21,7 @@ pub mod db;
 pub mod devstack;
 pub mod envelope;
 pub mod error;
+pub mod lease;
 pub mod read_api;
 pub mod task;
 pub mod telemetry;
