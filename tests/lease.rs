@@ -25,6 +25,16 @@ async fn store(
     (nats, dir, kv)
 }
 
+/// `try_acquire` that fails the test on a broker error.
+async fn take(
+    kv: &async_nats::jetstream::kv::Store,
+    name: &str,
+    limit: u32,
+    holder: &str,
+) -> Option<lease::Lease> {
+    lease::try_acquire(kv, name, limit, holder).await.unwrap()
+}
+
 #[tokio::test]
 async fn a_limit_of_one_never_lets_two_holders_overlap() {
     let (_nats, _dir, kv) = store(Duration::from_secs(30)).await;
@@ -69,61 +79,37 @@ async fn a_limit_of_one_never_lets_two_holders_overlap() {
         );
     }
     // Another name has its own slots.
-    assert!(lease::try_acquire(&kv, "repo-b", 1, "x")
-        .await
-        .unwrap()
-        .is_some());
+    assert!(take(&kv, "repo-b", 1, "x").await.is_some());
 }
 
 #[tokio::test]
 async fn a_limit_of_two_admits_two() {
     let (_nats, _dir, kv) = store(Duration::from_secs(30)).await;
-    let a = lease::try_acquire(&kv, "repo", 2, "a")
-        .await
-        .unwrap()
-        .unwrap();
-    let b = lease::try_acquire(&kv, "repo", 2, "b")
-        .await
-        .unwrap()
-        .unwrap();
+    let a = take(&kv, "repo", 2, "a").await.unwrap();
+    let b = take(&kv, "repo", 2, "b").await.unwrap();
     assert_ne!(a.key, b.key);
-    assert!(lease::try_acquire(&kv, "repo", 2, "c")
-        .await
-        .unwrap()
-        .is_none());
+    assert!(take(&kv, "repo", 2, "c").await.is_none());
     lease::release(&kv, &a).await.unwrap();
-    assert!(lease::try_acquire(&kv, "repo", 2, "c")
-        .await
-        .unwrap()
-        .is_some());
+    assert!(take(&kv, "repo", 2, "c").await.is_some());
 }
 
 #[tokio::test]
 async fn renewing_keeps_a_slot_and_a_dead_holders_slot_frees_itself() {
     let (_nats, _dir, kv) = store(Duration::from_secs(1)).await;
     // Renewed every 300 ms for 2 s: nobody else gets it.
-    let mut held = lease::try_acquire(&kv, "repo", 1, "alive")
-        .await
-        .unwrap()
-        .unwrap();
+    let mut held = take(&kv, "repo", 1, "alive").await.unwrap();
     let until = Instant::now() + Duration::from_secs(2);
     while Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(300)).await;
         lease::renew(&kv, &mut held, "alive").await.unwrap();
-        assert!(lease::try_acquire(&kv, "repo", 1, "other")
-            .await
-            .unwrap()
-            .is_none());
+        assert!(take(&kv, "repo", 1, "other").await.is_none());
     }
     lease::release(&kv, &held).await.unwrap();
     // A holder that stops renewing (a dead worker) loses the slot after the lease time.
-    let mut dead = lease::try_acquire(&kv, "repo", 1, "dead")
-        .await
-        .unwrap()
-        .unwrap();
+    let mut dead = take(&kv, "repo", 1, "dead").await.unwrap();
     let start = Instant::now();
     let next = loop {
-        if let Some(l) = lease::try_acquire(&kv, "repo", 1, "next").await.unwrap() {
+        if let Some(l) = take(&kv, "repo", 1, "next").await {
             break l;
         }
         assert!(
