@@ -941,6 +941,33 @@ mod tests {
         });
     }
 
+    /// The form compose/docker-compose.yml uses: a whole webhook source from environment
+    /// variables, the secret by `env`.
+    #[test]
+    fn a_webhook_source_can_be_configured_by_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("MHV_WEBHOOKS__SOURCES__GITHUB__SCHEME", "github");
+            jail.set_env(
+                "MHV_WEBHOOKS__SOURCES__GITHUB__SECRETS",
+                r#"[{id="compose",env="GITHUB_WEBHOOK_SECRET"}]"#,
+            );
+            jail.set_env(
+                "MHV_WEBHOOKS__SOURCES__GITHUB__RULES",
+                r#"[{name="issue-opened",event="issues",actions=["opened"],task={title="Issue #{issue.number}: {issue.title}",repository="{repository.name}"}}]"#,
+            );
+            let s = Settings::load(None).map_err(|e| e.0)?;
+            let src = &s.webhooks.sources["github"];
+            assert_eq!(src.scheme, WebhookScheme::Github);
+            assert_eq!(src.secrets[0].env.as_deref(), Some("GITHUB_WEBHOOK_SECRET"));
+            assert_eq!(
+                src.rules[0].task.title,
+                "Issue #{issue.number}: {issue.title}"
+            );
+            assert_eq!(src.body_limit_bytes, 25 * 1024 * 1024);
+            Ok(())
+        });
+    }
+
     #[test]
     fn unknown_keys_are_refused() {
         let dir = tempfile::tempdir().unwrap();
