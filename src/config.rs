@@ -944,6 +944,7 @@ mod tests {
     /// The form compose/docker-compose.yml uses: a whole webhook source from environment
     /// variables, the secret by `env`.
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail fixes the closure's error type
     fn a_webhook_source_can_be_configured_by_environment() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("MHV_WEBHOOKS__SOURCES__GITHUB__SCHEME", "github");
