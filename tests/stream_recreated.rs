@@ -22,7 +22,12 @@ async fn publish_keyless(js: &async_nats::jetstream::Context, title: &str) -> u6
 #[tokio::test]
 async fn workers_recreate_a_lost_stream_and_keyless_sequences_do_not_collide() {
     let mut stack = TestStack::start(|_| {}, 1).await;
-    let js = async_nats::jetstream::new(stack.nats_client().await);
+    // A generous ack timeout: the suite runs many servers at once on two cores, and a keyless
+    // publish cannot be retried without making a second task.
+    let js = async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(30))
+        .ack_timeout(Duration::from_secs(30))
+        .build(stack.nats_client().await);
     assert_eq!(publish_keyless(&js, "before").await, 1);
     assert_eq!(
         stack

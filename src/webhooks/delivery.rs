@@ -2,7 +2,8 @@
 //! scheme, the verdict of verification, and the identities that make it take effect once.
 //!
 //! Identities (see docs/webhooks.md):
-//! - JetStream `Nats-Msg-Id`: `wh:{source}:{delivery_id}`: the short first line of defence.
+//! - JetStream `Nats-Msg-Id`: `wh:{source}:{delivery_id}:{generation}` ([`msg_id`]): the short
+//!   first line of defence.
 //! - The ledger (PostgreSQL `webhook_deliveries`, and its fast front in a JetStream KV bucket):
 //!   unique on `(source, delivery_id)` with the body's SHA-256; for GitHub, whose delivery id is
 //!   not signed, also unique on `(source, body_sha256)`.
@@ -287,9 +288,16 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// JetStream `Nats-Msg-Id` of a delivery.
-pub fn msg_id(source: &str, delivery_id: &str) -> String {
-    format!("wh:{source}:{delivery_id}")
+/// JetStream `Nats-Msg-Id` of a delivery: `wh:{source}:{delivery_id}:{generation}`, the
+/// generation being the revision of the delivery id's key in the ledger front. Copies of one
+/// delivery share it; a delivery the front forgot after a dead letter gets a new one, so that
+/// JetStream's duplicate window does not swallow its redelivery. Without a known generation
+/// (the front entry expired mid-request) it is `wh:{source}:{delivery_id}`.
+pub fn msg_id(source: &str, delivery_id: &str, generation: Option<u64>) -> String {
+    match generation {
+        Some(g) => format!("wh:{source}:{delivery_id}:{g}"),
+        None => format!("wh:{source}:{delivery_id}"),
+    }
 }
 
 /// Ledger key of the task a delivery makes (the `inbox` key; the task id derives from it).

@@ -37,16 +37,21 @@ pub async fn handle_messages(ctx: &Arc<Ctx>, msgs: Vec<jetstream::Message>) {
     let mut results: Vec<Option<Result<Done, Failure>>> = (0..n).map(|_| None).collect();
     let mut bodies: Vec<Option<bytes::Bytes>> = vec![None; n];
     let mut ready: Vec<(usize, Prepared)> = Vec::new();
+    // Claim-checked bodies one pull may hold in memory; the first is always fetched, so a pull
+    // of large bodies still makes progress one at a time.
+    let mut budget_left = BATCH_BODY_BUDGET;
     for (i, msg) in msgs.iter().enumerate() {
         results[i] = match msg.subject.as_str() {
-            topology::SUBJECT_WEBHOOK_DELIVER => match prepare(ctx, msg, &mut bodies[i]).await {
-                Ok(Ok(p)) => {
-                    ready.push((i, p));
-                    None
+            topology::SUBJECT_WEBHOOK_DELIVER => {
+                match prepare(ctx, msg, &mut bodies[i], &mut budget_left).await {
+                    Ok(Ok(p)) => {
+                        ready.push((i, p));
+                        None
+                    }
+                    Ok(Err(done)) => Some(Ok(done)),
+                    Err(f) => Some(Err(f)),
                 }
-                Ok(Err(done)) => Some(Ok(done)),
-                Err(f) => Some(Err(f)),
-            },
+            }
             topology::SUBJECT_WEBHOOK_TAMPERED => Some(tampered(ctx, msg).await),
             topology::SUBJECT_WEBHOOK_REDELIVER => Some(redeliver(ctx, msg).await),
             _ => Some(Err(Failure::Poison(
@@ -81,6 +86,11 @@ pub async fn handle_messages(ctx: &Arc<Ctx>, msgs: Vec<jetstream::Message>) {
                 crate::ingest::nak(ctx, msg).await;
             }
             Err(Failure::Poison(code, reason)) => poison(ctx, msg, code, reason, body).await,
+            Err(Failure::Later) => {
+                let _ = msg
+                    .ack_with(AckKind::Nak(Some(Duration::from_millis(100))))
+                    .await;
+            }
             Err(Failure::Bounded(..)) => unreachable_bounded(ctx, msg).await,
         }
     }
@@ -103,31 +113,51 @@ async fn record_deliveries(
     });
     let ready = Arc::new(ready);
     let started = std::time::Instant::now();
-    let result = record_in_one(ctx, Arc::clone(&ready)).await;
+    // A delivery that failed before (a timeout on a huge body, a deadlock) is written alone, so
+    // it cannot keep failing the deliveries batched with it.
+    let together = ready.len() == 1 || ready.iter().all(|(_, p)| p.deliveries <= 1);
+    let result = if together {
+        Some(record_in_one(ctx, Arc::clone(&ready)).await)
+    } else {
+        None
+    };
     ctx.metrics
         .transaction_seconds
         .observe(started.elapsed().as_secs_f64());
     match result {
-        Ok(labels) => ready
+        Some(Ok(labels)) => ready
             .iter()
             .zip(labels)
             .map(|((i, p), label)| (*i, Ok(settled(ctx, p, label))))
             .collect(),
-        Err(e) if e.is_transient() || ready.len() == 1 => {
+        // A first failure for a passing reason (an outage): everything is tried again later.
+        Some(Err(e)) if ready.len() == 1 || e.is_transient() => {
             let why = e.to_string();
             ready
                 .iter()
                 .map(|(i, _)| (*i, Err(failure(e.is_transient(), &why))))
                 .collect()
         }
-        Err(e) => {
-            tracing::warn!(error = %e, deliveries = ready.len(), "webhook batch failed; retrying one by one");
+        other => {
+            if let Some(Err(e)) = other {
+                tracing::warn!(error = %e, deliveries = ready.len(), "webhook batch failed; writing one by one");
+            }
             let mut out = Vec::with_capacity(ready.len());
+            let mut outage: Option<String> = None;
             for (i, p) in ready.iter() {
+                // Once the database fails for a passing reason, do not try the rest one by one.
+                if let Some(why) = &outage {
+                    out.push((*i, Err(Failure::Transient(why.clone()))));
+                    continue;
+                }
                 let one = Arc::new(vec![(*i, p.clone())]);
                 let r = match record_in_one(ctx, one).await {
                     Ok(labels) => Ok(settled(ctx, p, labels[0])),
-                    Err(e) => Err(failure(e.is_transient(), &e.to_string())),
+                    Err(e) if e.is_transient() => {
+                        outage = Some(e.to_string());
+                        Err(Failure::Transient(e.to_string()))
+                    }
+                    Err(e) => Err(failure(false, &e.to_string())),
                 };
                 out.push((*i, r));
             }
@@ -197,10 +227,15 @@ enum Failure {
     Bounded(ErrorCode, String),
     /// Dead-lettered now, with the body if it was fetched from the object store.
     Poison(ErrorCode, String),
+    /// Not now: handed back at once for another pull (this one's body budget is spent).
+    Later,
 }
 
 /// Deliveries after which a [`Failure::Bounded`] message is dead-lettered.
 const BOUNDED_DELIVERIES: i64 = 10;
+
+/// Bytes of claim-checked bodies one pull fetches; later ones are handed back for another pull.
+const BATCH_BODY_BUDGET: usize = 64 * 1024 * 1024;
 
 impl From<db::TxError> for Failure {
     fn from(e: db::TxError) -> Self {
@@ -300,6 +335,7 @@ struct Prepared {
     attempt_key: String,
     stream_seq: u64,
     subject: String,
+    deliveries: i64,
 }
 
 /// Everything about a delivery that needs no transaction. `Ok(Err(done))`: nothing to write
@@ -308,8 +344,27 @@ async fn prepare(
     ctx: &Arc<Ctx>,
     msg: &jetstream::Message,
     fetched: &mut Option<bytes::Bytes>,
+    budget_left: &mut usize,
 ) -> Result<Result<Prepared, Done>, Failure> {
     let m = meta(msg)?;
+    // The body first: a delivery dead-lettered for any reason keeps it.
+    let body = match &m.claim_check {
+        None => msg.payload.clone(),
+        Some(name) => {
+            if *budget_left == 0 {
+                return Err(Failure::Later);
+            }
+            match fetch_object(ctx, name).await? {
+                Some(b) => {
+                    *budget_left = budget_left.saturating_sub(b.len());
+                    // Kept for a dead letter: the message itself carries no body.
+                    *fetched = Some(b.clone());
+                    b
+                }
+                None => return missing_body(ctx, &m).await.map(Err),
+            }
+        }
+    };
     let Some(scheme) = scheme_of(ctx, &m.source) else {
         // A rolling deploy can briefly run a worker that does not know a new source yet; a
         // source removed while deliveries were queued must not loop forever.
@@ -317,17 +372,6 @@ async fn prepare(
             ErrorCode::WebhookSourceNotFound,
             format!("source {:?} is not configured on this worker", m.source),
         ));
-    };
-    let body = match &m.claim_check {
-        None => msg.payload.clone(),
-        Some(name) => match fetch_object(ctx, name).await? {
-            Some(b) => {
-                // Kept for a dead letter: the message itself carries no body.
-                *fetched = Some(b.clone());
-                b
-            }
-            None => return missing_body(ctx, &m).await.map(Err),
-        },
     };
     if sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(&body)).as_slice()
         != m.body_sha256
@@ -355,6 +399,7 @@ async fn prepare(
     Ok(Ok(Prepared {
         attempt_key: attempt_key(msg),
         stream_seq: msg.info().map(|i| i.stream_sequence).unwrap_or(0),
+        deliveries: msg.info().map(|i| i.delivered).unwrap_or(1),
         subject: msg.subject.to_string(),
         m,
         scheme,
@@ -375,6 +420,7 @@ async fn record(tx: &mut sqlx::PgConnection, p: &Prepared) -> Result<&'static st
         attempt_key,
         stream_seq,
         subject,
+        deliveries: _,
     } = p;
     let (scheme, stream_seq) = (*scheme, *stream_seq);
     let key = delivery::task_key(&m.source, &m.delivery_id);
@@ -690,13 +736,19 @@ async fn missing_body(ctx: &Arc<Ctx>, m: &Meta) -> Result<Done, Failure> {
 async fn bodies(ctx: &Ctx) -> Result<&jetstream::object_store::ObjectStore, Failure> {
     ctx.webhook_bodies
         .0
-        .get_or_try_init(|| async {
-            topology::webhook_stores(&ctx.js, &ctx.settings)
-                .await
-                .map(|(_, o)| o)
-        })
+        // Open only: the gateway creates and configures the buckets. A worker without the
+        // rights to change them (or with other settings) must not rewrite them.
+        .get_or_try_init(|| ctx.js.get_object_store(&ctx.settings.webhooks.body_bucket))
         .await
-        .map_err(|e| Failure::Transient(format!("{e:#}")))
+        .map_err(|e| {
+            Failure::Bounded(
+                ErrorCode::StoredBodyMissing,
+                format!(
+                    "cannot open object store {}: {e}",
+                    ctx.settings.webhooks.body_bucket
+                ),
+            )
+        })
 }
 
 async fn fetch_object(ctx: &Ctx, name: &str) -> Result<Option<bytes::Bytes>, Failure> {
@@ -823,7 +875,8 @@ async fn redeliver(ctx: &Arc<Ctx>, msg: &jetstream::Message) -> Result<Done, Fai
     })
     .await?;
     if label.is_none() {
-        return Err(Failure::Poison(
+        // Bounded, not at once: the delivery may be in this very pull, not yet recorded.
+        return Err(Failure::Bounded(
             ErrorCode::Validation,
             format!(
                 "no stored delivery {:?} of source {:?} to redeliver (pruned after webhooks.ledger_retention_days?)",
@@ -882,11 +935,61 @@ async fn poison(
                 .messages_total
                 .with_label_values(&["dead_lettered"])
                 .inc();
+            if msg.subject.as_str() == topology::SUBJECT_WEBHOOK_DELIVER {
+                forget_front(ctx, msg).await;
+            }
             let _ = msg.ack_with(AckKind::Term).await;
         }
         Err(e) => {
             tracing::error!(error = %e, "dead letter could not be written; redelivering");
             crate::ingest::nak(ctx, msg).await;
+        }
+    }
+}
+
+/// Removes a dead-lettered delivery from the gateway's ledger front (if the front still holds
+/// this body for it), so the sender's redelivery is accepted as new instead of being answered
+/// "duplicate" for the whole retention. Best effort: the dead letter is already committed.
+async fn forget_front(ctx: &Ctx, msg: &jetstream::Message) {
+    use jetstream::kv::Operation;
+    let Ok(m) = meta(msg) else {
+        return;
+    };
+    let Ok(kv) = ctx
+        .js
+        .get_key_value(&ctx.settings.webhooks.ledger_bucket)
+        .await
+    else {
+        tracing::warn!("cannot open the ledger front; a redelivery of the dead-lettered delivery will be answered as a duplicate");
+        return;
+    };
+    let sha = hex::encode(m.body_sha256);
+    // The id's value is the body hash, perhaps followed by " published"; the body's value is
+    // the delivery id, exactly.
+    let keys = [
+        (
+            delivery::kv_id_key(&m.source, &m.delivery_id),
+            sha.clone(),
+            true,
+        ),
+        (
+            delivery::kv_body_key(&m.source, &sha),
+            m.delivery_id.clone(),
+            false,
+        ),
+    ];
+    for (key, expected, prefix) in keys {
+        if let Ok(Some(e)) = kv.entry(&key).await {
+            let ours = if prefix {
+                e.value.starts_with(expected.as_bytes())
+            } else {
+                e.value == expected.as_bytes()
+            };
+            if e.operation == Operation::Put && ours {
+                if let Err(err) = kv.delete_expect_revision(&key, Some(e.revision)).await {
+                    tracing::warn!(error = %err, "could not clear the ledger front after a dead letter");
+                }
+            }
         }
     }
 }

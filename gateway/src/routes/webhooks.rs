@@ -148,7 +148,7 @@ async fn accept(
         ));
     };
     // 4. The ledger front.
-    let seen = ledger_front(&stores, src, &verified, &sha)
+    let Front { seen, generation } = ledger_front(&stores, src, &verified, &sha)
         .await
         .map_err(|e| unavailable("ledger front unavailable", &e))?;
     let now = Utc::now().to_rfc3339();
@@ -205,7 +205,11 @@ async fn accept(
         .unwrap_or(0)
         .min(state.nats().server_info().max_payload)
         .saturating_sub(ENVELOPE_OVERHEAD_BYTES);
-    let mut msg = base(delivery::msg_id(&src.name, &verified.delivery_id));
+    let mut msg = base(delivery::msg_id(
+        &src.name,
+        &verified.delivery_id,
+        generation,
+    ));
     let claim = if bytes.len() > max_payload {
         let object = format!("{}/{}", src.name, uuid::Uuid::now_v7());
         stores
@@ -235,13 +239,16 @@ async fn accept(
     }
     // Later copies need not be published. Off the answer's path, and best effort: without the
     // mark they are published and deduplicated downstream.
-    let id_key = delivery::kv_id_key(&src.name, &verified.delivery_id);
-    let (ledger, mark) = (stores.ledger.clone(), format!("{sha}{PUBLISHED}"));
-    tokio::spawn(async move {
-        if let Err(e) = ledger.put(&id_key, mark.into()).await {
-            tracing::debug!(error = %e, "could not mark the delivery published");
-        }
-    });
+    // Only over the revision we know, so a mark never lands on another body's key.
+    if let Some(revision) = generation {
+        let id_key = delivery::kv_id_key(&src.name, &verified.delivery_id);
+        let (ledger, mark) = (stores.ledger.clone(), format!("{sha}{PUBLISHED}"));
+        tokio::spawn(async move {
+            if let Err(e) = ledger.update(&id_key, mark.into(), revision).await {
+                tracing::debug!(error = %e, "could not mark the delivery published");
+            }
+        });
+    }
     Ok(Accepted {
         source: src.name.clone(),
         delivery_id: verified.delivery_id,
@@ -253,72 +260,107 @@ async fn accept(
 /// Marks the KV value of a delivery id whose message JetStream acknowledged.
 const PUBLISHED: &str = " published";
 
-/// Records the delivery id (and, for GitHub, the body) in the KV front, atomically, and says
-/// whether it is new, a duplicate (and whether a copy is already known to be in JetStream), or a
-/// reuse of the id with another body.
-///
-/// Values: `{source}.id.{h(id)}` → `{body sha}` then `{body sha} published` once a publish was
-/// acknowledged; `{source}.body.{sha}` → the first delivery id with that body.
+/// What the ledger front knows of a delivery, and the revision of its id key (its
+/// generation: a delivery forgotten after a dead letter and received again gets a new one).
+struct Front {
+    seen: Seen,
+    generation: Option<u64>,
+}
+
+/// Checks the delivery against the KV front and records it there, atomically. Values:
+/// `{source}.id.{h(id)}` → `{body sha}`, then `{body sha} published` once a publish was
+/// acknowledged; `{source}.body.{sha}` → the first delivery id with that body (GitHub).
 async fn ledger_front(
     stores: &WebhookStores,
     src: &ResolvedSource,
     v: &Verified,
     sha: &str,
-) -> Result<Seen, async_nats::Error> {
+) -> Result<Front, async_nats::Error> {
+    use async_nats::jetstream::kv::Operation;
     let kv = &stores.ledger;
-    let body_key = delivery::kv_body_key(&src.name, sha);
-    if src.dedup_by_body() {
-        // The same signed body under another delivery id is a replay: nothing to store or
-        // publish when the first copy is in JetStream. Read-only, so replays under random ids
-        // write nothing.
-        if let Some(first) = kv.get(&body_key).await? {
-            let first = String::from_utf8_lossy(&first).into_owned();
-            if first != v.delivery_id {
+    let id_key = delivery::kv_id_key(&src.name, &v.delivery_id);
+    let read = |key: String| async move {
+        Ok::<_, async_nats::Error>(
+            kv.entry(key)
+                .await?
+                .filter(|e| e.operation == Operation::Put),
+        )
+    };
+    // The id first: a reused id with another body is tampering, whatever the body.
+    let mut existing = read(id_key.clone()).await?;
+    if existing.is_none() {
+        if src.dedup_by_body() {
+            // The same signed body under another delivery id is a replay: nothing to store or
+            // publish when the first copy is in JetStream. Read-only, so replays under random
+            // ids write nothing.
+            let body_key = delivery::kv_body_key(&src.name, sha);
+            if let Some(first) = kv.get(&body_key).await? {
+                let first = String::from_utf8_lossy(&first).into_owned();
                 let first_value = kv.get(delivery::kv_id_key(&src.name, &first)).await?;
-                if first_value.is_some_and(|f| f.ends_with(PUBLISHED.as_bytes())) {
-                    return Ok(Seen::Duplicate { published: true });
+                if first != v.delivery_id
+                    && first_value.is_some_and(|f| f.ends_with(PUBLISHED.as_bytes()))
+                {
+                    return Ok(Front {
+                        seen: Seen::Duplicate { published: true },
+                        generation: None,
+                    });
                 }
             }
         }
-    }
-    let id_key = delivery::kv_id_key(&src.name, &v.delivery_id);
-    let seen = match kv
-        .create(&id_key, Bytes::copy_from_slice(sha.as_bytes()))
-        .await
-    {
-        Ok(_) => Seen::New,
-        Err(e) if e.kind() == CreateErrorKind::AlreadyExists => match kv.get(&id_key).await? {
-            Some(value) => {
-                let value = String::from_utf8_lossy(&value);
-                let (first_sha, published) = match value.strip_suffix(PUBLISHED) {
-                    Some(first) => (first.to_owned(), true),
-                    None => (value.into_owned(), false),
-                };
-                if first_sha != sha {
-                    return Ok(Seen::Tampered {
-                        first_sha256: first_sha,
-                    });
-                }
-                Seen::Duplicate { published }
-            }
-            // Expired between the two calls: treat as new; the database ledger still guards.
-            None => Seen::New,
-        },
-        Err(e) => return Err(e.into()),
-    };
-    if src.dedup_by_body() {
         match kv
-            .create(&body_key, Bytes::copy_from_slice(v.delivery_id.as_bytes()))
+            .create(&id_key, Bytes::copy_from_slice(sha.as_bytes()))
             .await
         {
-            Ok(_) => {}
-            // Another id has this body but its copy is not known to be published: this copy
-            // goes out too, and the database ledger records the replay.
-            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
+            Ok(revision) => {
+                if src.dedup_by_body() {
+                    let body_key = delivery::kv_body_key(&src.name, sha);
+                    match kv
+                        .create(&body_key, Bytes::copy_from_slice(v.delivery_id.as_bytes()))
+                        .await
+                    {
+                        // Another id has this body but its copy is not known to be published:
+                        // this copy goes out too, and the database ledger records the replay.
+                        Ok(_) => {}
+                        Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                return Ok(Front {
+                    seen: Seen::New,
+                    generation: Some(revision),
+                });
+            }
+            // A concurrent copy created it first.
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
+                existing = read(id_key).await?;
+            }
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(seen)
+    let Some(entry) = existing else {
+        // Expired between two calls: new as far as the front knows; the database ledger guards.
+        return Ok(Front {
+            seen: Seen::New,
+            generation: None,
+        });
+    };
+    let value = String::from_utf8_lossy(&entry.value);
+    let (first_sha, published) = match value.strip_suffix(PUBLISHED) {
+        Some(first) => (first.to_owned(), true),
+        None => (value.into_owned(), false),
+    };
+    if first_sha != sha {
+        return Ok(Front {
+            seen: Seen::Tampered {
+                first_sha256: first_sha,
+            },
+            generation: None,
+        });
+    }
+    Ok(Front {
+        seen: Seen::Duplicate { published },
+        generation: Some(entry.revision),
+    })
 }
 
 /// Reads the body up to `limit` bytes, reserving it from the budget (KiB permits) as it comes.
