@@ -323,6 +323,19 @@ pub struct WebhookSource {
     pub rules: Vec<WebhookRule>,
 }
 
+impl WebhookSource {
+    /// A GitHub source with the default limits.
+    pub fn github(secrets: Vec<WebhookSecret>, rules: Vec<WebhookRule>) -> Self {
+        Self {
+            scheme: WebhookScheme::Github,
+            secrets,
+            body_limit_bytes: default_webhook_body_limit(),
+            tolerance_secs: default_webhook_tolerance(),
+            rules,
+        }
+    }
+}
+
 fn default_webhook_body_limit() -> usize {
     25 * 1024 * 1024
 }
@@ -359,6 +372,26 @@ impl std::fmt::Debug for WebhookSecret {
 }
 
 impl WebhookSecret {
+    /// A secret given inline.
+    pub fn inline(id: &str, value: &str) -> Self {
+        Self {
+            id: id.to_owned(),
+            secret: Some(SecretString::from(value.to_owned())),
+            env: None,
+            expires_at: None,
+        }
+    }
+
+    /// A secret read from an environment variable.
+    pub fn from_env(id: &str, var: &str) -> Self {
+        Self {
+            id: id.to_owned(),
+            secret: None,
+            env: Some(var.to_owned()),
+            expires_at: None,
+        }
+    }
+
     /// The secret's value: inline, or from its environment variable.
     pub fn value(&self) -> Result<String, ConfigError> {
         match (&self.secret, &self.env) {
@@ -409,6 +442,28 @@ pub struct WebhookRule {
     pub branches: Vec<String>,
     /// The task to create.
     pub task: WebhookTaskTemplate,
+}
+
+impl WebhookRule {
+    /// The rule `mhv up` and `mhv bench` use: a GitHub `issues` delivery with action `opened`
+    /// becomes the task "Issue #N: title" in the repository of the same name.
+    pub fn github_issue_opened() -> Self {
+        Self {
+            name: "issue-opened".into(),
+            event: "issues".into(),
+            actions: vec!["opened".into()],
+            labels: vec![],
+            branches: vec![],
+            task: WebhookTaskTemplate {
+                title: "Issue #{issue.number}: {issue.title}".into(),
+                repository: "{repository.name}".into(),
+                description: None,
+                priority: None,
+                action: None,
+                tags: vec!["github".into()],
+            },
+        }
+    }
 }
 
 /// A task template. `{dotted.path}` is replaced by that field of the JSON payload

@@ -9,7 +9,6 @@ use futures::StreamExt as _;
 use mahavishnu::config::{
     Settings, WebhookRule, WebhookScheme, WebhookSecret, WebhookSource, WebhookTaskTemplate,
 };
-use secrecy::SecretString;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
@@ -72,11 +71,17 @@ fn standard_signature(whsec: &str, id: &str, ts: i64, body: &[u8]) -> String {
 }
 
 fn secret(id: &str, value: &str) -> WebhookSecret {
-    WebhookSecret {
-        id: id.into(),
-        secret: Some(SecretString::from(value.to_owned())),
-        env: None,
-        expires_at: None,
+    WebhookSecret::inline(id, value)
+}
+
+/// A Standard Webhooks source signed with the official test vector's secret.
+fn standard_source(rules: Vec<WebhookRule>) -> WebhookSource {
+    WebhookSource {
+        scheme: WebhookScheme::Standard,
+        secrets: vec![secret("sw-1", STD_SECRET)],
+        body_limit_bytes: 1 << 20,
+        tolerance_secs: 300,
+        rules,
     }
 }
 
@@ -358,20 +363,14 @@ async fn gitlab_and_standard_webhooks_deliveries_are_verified_and_routed() {
             );
             s.webhooks.sources.insert(
                 "billing".into(),
-                WebhookSource {
-                    scheme: WebhookScheme::Standard,
-                    secrets: vec![secret("sw-1", STD_SECRET)],
-                    body_limit_bytes: 1 << 20,
-                    tolerance_secs: 300,
-                    rules: vec![WebhookRule {
-                        name: "invoice-failed".into(),
-                        event: "invoice.failed".into(),
-                        actions: vec![],
-                        labels: vec![],
-                        branches: vec![],
-                        task: template("Chase invoice {data.id}", "billing"),
-                    }],
-                },
+                standard_source(vec![WebhookRule {
+                    name: "invoice-failed".into(),
+                    event: "invoice.failed".into(),
+                    actions: vec![],
+                    labels: vec![],
+                    branches: vec![],
+                    task: template("Chase invoice {data.id}", "billing"),
+                }]),
             );
         },
         1,
@@ -1032,16 +1031,9 @@ async fn refusals_carry_their_codes_and_leave_nothing_behind() {
     let stack = TestStack::start(
         |s| {
             with_github(s);
-            s.webhooks.sources.insert(
-                "billing".into(),
-                WebhookSource {
-                    scheme: WebhookScheme::Standard,
-                    secrets: vec![secret("sw-1", STD_SECRET)],
-                    body_limit_bytes: 1 << 20,
-                    tolerance_secs: 300,
-                    rules: vec![],
-                },
-            );
+            s.webhooks
+                .sources
+                .insert("billing".into(), standard_source(vec![]));
         },
         1,
     )
@@ -1125,16 +1117,9 @@ async fn a_payload_with_nul_is_kept_verbatim_and_never_retried_forever() {
     let stack = TestStack::start(
         |s| {
             with_github(s);
-            s.webhooks.sources.insert(
-                "billing".into(),
-                WebhookSource {
-                    scheme: WebhookScheme::Standard,
-                    secrets: vec![secret("sw-1", STD_SECRET)],
-                    body_limit_bytes: 1 << 20,
-                    tolerance_secs: 300,
-                    rules: vec![],
-                },
-            );
+            s.webhooks
+                .sources
+                .insert("billing".into(), standard_source(vec![]));
         },
         1,
     )

@@ -12,8 +12,7 @@
 //! workers, so it never touches a running stack. Figures are printed with the ratios and targets.
 
 use crate::config::{
-    ApiKeySettings, LogFormat, Settings, WebhookRule, WebhookScheme, WebhookSecret, WebhookSource,
-    WebhookTaskTemplate,
+    ApiKeySettings, LogFormat, Settings, WebhookRule, WebhookSecret, WebhookSource,
 };
 use crate::devstack::{nats::NatsServer, postgres::TestDatabase};
 use crate::envelope::{self, Envelope};
@@ -294,32 +293,10 @@ const BENCH_SOURCE: &str = "bench-github";
 const BENCH_SECRET_ENV: &str = "MAHAVISHNU_BENCH_WEBHOOK_SECRET";
 
 fn bench_source() -> WebhookSource {
-    WebhookSource {
-        scheme: WebhookScheme::Github,
-        secrets: vec![WebhookSecret {
-            id: "bench".into(),
-            secret: None,
-            env: Some(BENCH_SECRET_ENV.into()),
-            expires_at: None,
-        }],
-        body_limit_bytes: 1 << 20,
-        tolerance_secs: 300,
-        rules: vec![WebhookRule {
-            name: "issue-opened".into(),
-            event: "issues".into(),
-            actions: vec!["opened".into()],
-            labels: vec![],
-            branches: vec![],
-            task: WebhookTaskTemplate {
-                title: "Issue #{issue.number}: {issue.title}".into(),
-                repository: "{repository.name}".into(),
-                description: None,
-                priority: None,
-                action: None,
-                tags: vec![],
-            },
-        }],
-    }
+    WebhookSource::github(
+        vec![WebhookSecret::from_env("bench", BENCH_SECRET_ENV)],
+        vec![WebhookRule::github_issue_opened()],
+    )
 }
 
 fn verdict(ok: bool) -> &'static str {

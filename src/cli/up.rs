@@ -5,8 +5,7 @@
 //! gateway and reads it back, prints what to paste, and on Ctrl-C stops everything it started.
 
 use crate::config::{
-    ApiKeySettings, LogFormat, Settings, WebhookRule, WebhookScheme, WebhookSecret, WebhookSource,
-    WebhookTaskTemplate,
+    ApiKeySettings, LogFormat, Settings, WebhookRule, WebhookSecret, WebhookSource,
 };
 use crate::devstack::{self, nats::NatsServer, postgres::LocalCluster};
 use anyhow::{bail, Context as _};
@@ -265,32 +264,10 @@ async fn old_nats_version(url: &str) -> Option<String> {
 pub const DEMO_SOURCE: &str = "demo-github";
 
 fn demo_source(secret: &str) -> WebhookSource {
-    WebhookSource {
-        scheme: WebhookScheme::Github,
-        secrets: vec![WebhookSecret {
-            id: "demo".into(),
-            secret: Some(secrecy::SecretString::from(secret.to_owned())),
-            env: None,
-            expires_at: None,
-        }],
-        body_limit_bytes: 25 * 1024 * 1024,
-        tolerance_secs: 300,
-        rules: vec![WebhookRule {
-            name: "issue-opened".into(),
-            event: "issues".into(),
-            actions: vec!["opened".into()],
-            labels: vec![],
-            branches: vec![],
-            task: WebhookTaskTemplate {
-                title: "Issue #{issue.number}: {issue.title}".into(),
-                repository: "{repository.name}".into(),
-                description: None,
-                priority: None,
-                action: None,
-                tags: vec!["github".into()],
-            },
-        }],
-    }
+    WebhookSource::github(
+        vec![WebhookSecret::inline("demo", secret)],
+        vec![WebhookRule::github_issue_opened()],
+    )
 }
 
 /// The webhook half of the demo: a signed GitHub `issues` delivery becomes a task.

@@ -319,6 +319,16 @@ fn clean_event(raw: &str) -> String {
         .collect()
 }
 
+/// The routing rules of a source as this worker is configured (none for an unknown source).
+fn rules_of<'a>(ctx: &'a Ctx, source: &str) -> &'a [mahavishnu::config::WebhookRule] {
+    ctx.settings
+        .webhooks
+        .sources
+        .get(source)
+        .map(|s| s.rules.as_slice())
+        .unwrap_or_default()
+}
+
 /// The scheme of a source as this worker is configured; `None` when it does not know it.
 fn scheme_of(ctx: &Ctx, source: &str) -> Option<WebhookScheme> {
     ctx.settings.webhooks.sources.get(source).map(|s| s.scheme)
@@ -381,13 +391,7 @@ async fn prepare(
             "the body does not match its hash header".into(),
         ));
     }
-    let rules = ctx
-        .settings
-        .webhooks
-        .sources
-        .get(&m.source)
-        .map(|s| s.rules.as_slice())
-        .unwrap_or_default();
+    let rules = rules_of(ctx, &m.source);
     let (event, routed) = decide(
         scheme,
         &m.header_event,
@@ -819,13 +823,7 @@ async fn redeliver(ctx: &Arc<Ctx>, msg: &jetstream::Message) -> Result<Done, Fai
             format!("bad redelivery request: {e}"),
         )
     })?;
-    let rules = ctx
-        .settings
-        .webhooks
-        .sources
-        .get(&req.source)
-        .map(|s| s.rules.clone())
-        .unwrap_or_default();
+    let rules = rules_of(ctx, &req.source).to_vec();
     let limits = ctx.limits;
     let pool = ctx.pool.clone();
     let subject = msg.subject.to_string();
