@@ -96,41 +96,53 @@ fn template(title: &str, repository: &str) -> WebhookTaskTemplate {
     }
 }
 
+/// A rule without filters; set `actions`, `labels` or `branches` with struct update syntax.
+fn rule(name: &str, event: &str, task: WebhookTaskTemplate) -> WebhookRule {
+    WebhookRule {
+        name: name.into(),
+        event: event.into(),
+        actions: vec![],
+        labels: vec![],
+        branches: vec![],
+        task,
+    }
+}
+
 /// The rules docs/webhooks.md gives for GitHub.
 fn github_rules() -> Vec<WebhookRule> {
     vec![
         WebhookRule {
-            name: "issue-opened-or-labeled".into(),
-            event: "issues".into(),
             actions: vec!["opened".into(), "labeled".into()],
-            labels: vec![],
-            branches: vec![],
-            task: WebhookTaskTemplate {
-                description: Some("{issue.html_url}".into()),
-                priority: Some("high".into()),
-                action: Some("triage".into()),
-                tags: vec!["github".into(), "issue".into()],
-                ..template("Issue #{issue.number}: {issue.title}", "{repository.name}")
-            },
+            ..rule(
+                "issue-opened-or-labeled",
+                "issues",
+                WebhookTaskTemplate {
+                    description: Some("{issue.html_url}".into()),
+                    priority: Some("high".into()),
+                    action: Some("triage".into()),
+                    tags: vec!["github".into(), "issue".into()],
+                    ..template("Issue #{issue.number}: {issue.title}", "{repository.name}")
+                },
+            )
         },
         WebhookRule {
-            name: "pr-opened".into(),
-            event: "pull_request".into(),
             actions: vec!["opened".into()],
-            labels: vec![],
-            branches: vec![],
-            task: template(
-                "Review PR #{pull_request.number}: {pull_request.title}",
-                "{repository.name}",
-            ),
+            ..rule(
+                "pr-opened",
+                "pull_request",
+                template(
+                    "Review PR #{pull_request.number}: {pull_request.title}",
+                    "{repository.name}",
+                ),
+            )
         },
         WebhookRule {
-            name: "push-default-branch".into(),
-            event: "push".into(),
-            actions: vec![],
-            labels: vec![],
             branches: vec!["$default".into()],
-            task: template("Build {after} on {repository.name}", "{repository.name}"),
+            ..rule(
+                "push-default-branch",
+                "push",
+                template("Build {after} on {repository.name}", "{repository.name}"),
+            )
         },
     ]
 }
@@ -340,37 +352,34 @@ async fn gitlab_and_standard_webhooks_deliveries_are_verified_and_routed() {
                     tolerance_secs: 300,
                     rules: vec![
                         WebhookRule {
-                            name: "gl-issue-open".into(),
-                            event: "Issue Hook".into(),
                             actions: vec!["open".into()],
-                            labels: vec![],
-                            branches: vec![],
-                            task: template(
-                                "Issue #{object_attributes.iid}: {object_attributes.title}",
-                                "{project.path}",
-                            ),
+                            ..rule(
+                                "gl-issue-open",
+                                "Issue Hook",
+                                template(
+                                    "Issue #{object_attributes.iid}: {object_attributes.title}",
+                                    "{project.path}",
+                                ),
+                            )
                         },
                         WebhookRule {
-                            name: "gl-push-default".into(),
-                            event: "Push Hook".into(),
-                            actions: vec![],
-                            labels: vec![],
                             branches: vec!["$default".into()],
-                            task: template("Build {checkout_sha}", "{project.path}"),
+                            ..rule(
+                                "gl-push-default",
+                                "Push Hook",
+                                template("Build {checkout_sha}", "{project.path}"),
+                            )
                         },
                     ],
                 },
             );
             s.webhooks.sources.insert(
                 "billing".into(),
-                standard_source(vec![WebhookRule {
-                    name: "invoice-failed".into(),
-                    event: "invoice.failed".into(),
-                    actions: vec![],
-                    labels: vec![],
-                    branches: vec![],
-                    task: template("Chase invoice {data.id}", "billing"),
-                }]),
+                standard_source(vec![rule(
+                    "invoice-failed",
+                    "invoice.failed",
+                    template("Chase invoice {data.id}", "billing"),
+                )]),
             );
         },
         1,
@@ -1217,14 +1226,7 @@ async fn forced_redelivery_makes_one_task_per_request_and_is_audited() {
                 .get_mut("github")
                 .unwrap()
                 .rules
-                .push(WebhookRule {
-                    name: "ping".into(),
-                    event: "ping".into(),
-                    actions: vec![],
-                    labels: vec![],
-                    branches: vec![],
-                    task: template("Ping {zen}", "demo"),
-                });
+                .push(rule("ping", "ping", template("Ping {zen}", "demo")));
         },
         1,
     )

@@ -306,24 +306,32 @@ async fn demo_webhook(
     let id =
         crate::envelope::task_id_for(&crate::webhooks::delivery::task_key(DEMO_SOURCE, &delivery));
     let start = Instant::now();
+    let Some(task) = poll_read(http, &format!("{base}/v1/tasks/{id}"), key).await? else {
+        bail!("demo webhook {delivery} was accepted but no task appeared within 10 s; check the worker logs and `mhv webhooks deliveries`")
+    };
+    println!(
+        "demo: signed webhook {delivery} accepted (202) and routed into task {id} ({:?}) in {} ms",
+        task["title"].as_str().unwrap_or_default(),
+        start.elapsed().as_millis()
+    );
+    Ok(())
+}
+
+/// GETs `url` with the key every 50 ms until it answers 2xx (its JSON body) or 10 s pass.
+async fn poll_read(
+    http: &reqwest::Client,
+    url: &str,
+    key: &str,
+) -> anyhow::Result<Option<serde_json::Value>> {
+    let start = Instant::now();
     while start.elapsed() < Duration::from_secs(10) {
-        let r = http
-            .get(format!("{base}/v1/tasks/{id}"))
-            .bearer_auth(key)
-            .send()
-            .await?;
+        let r = http.get(url).bearer_auth(key).send().await?;
         if r.status().is_success() {
-            let task: serde_json::Value = r.json().await?;
-            println!(
-                "demo: signed webhook {delivery} accepted (202) and routed into task {id} ({:?}) in {} ms",
-                task["title"].as_str().unwrap_or_default(),
-                start.elapsed().as_millis()
-            );
-            return Ok(());
+            return Ok(Some(r.json().await?));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    bail!("demo webhook {delivery} was accepted but no task appeared within 10 s; check the worker logs and `mhv webhooks deliveries`")
+    Ok(None)
 }
 
 /// The demo job: create a task through the gateway and read it back with its audit row.
@@ -350,24 +358,14 @@ async fn demo(http: &reqwest::Client, base: &str, key: &str) -> anyhow::Result<(
     }
     let id = body["id"].as_str().unwrap_or_default().to_owned();
     let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(10) {
-        let r = http
-            .get(format!("{base}/v1/tasks/{id}/audit"))
-            .bearer_auth(key)
-            .send()
-            .await?;
-        if r.status().is_success() {
-            let audit: serde_json::Value = r.json().await?;
-            println!(
-                "\ndemo: task {id} accepted (202) and persisted in {} ms with audit: {}",
-                start.elapsed().as_millis(),
-                audit
-            );
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!("demo task {id} was accepted but not persisted within 10 s; check the worker logs")
+    let Some(audit) = poll_read(http, &format!("{base}/v1/tasks/{id}/audit"), key).await? else {
+        bail!("demo task {id} was accepted but not persisted within 10 s; check the worker logs")
+    };
+    println!(
+        "\ndemo: task {id} accepted (202) and persisted in {} ms with audit: {audit}",
+        start.elapsed().as_millis()
+    );
+    Ok(())
 }
 
 async fn wait_ready(
