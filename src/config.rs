@@ -32,6 +32,10 @@ pub struct Settings {
     pub worker: WorkerSettings,
     /// Webhook sources, their secrets and routing rules.
     pub webhooks: WebhookSettings,
+    /// How tasks are executed.
+    pub execution: crate::registry::ExecutionSettings,
+    /// Repositories the fleet knows and what it may run in them; empty: record-only.
+    pub repositories: std::collections::BTreeMap<String, crate::registry::Repository>,
     /// Logging.
     pub log: LogSettings,
 }
@@ -720,6 +724,15 @@ impl Settings {
             if !names.insert(&k.name) {
                 return err(format!("gateway.api_keys name {:?} appears twice", k.name));
             }
+        }
+        crate::registry::validate(&self.execution, &self.repositories).map_err(ConfigError)?;
+        let executes = self.repositories.values().any(|r| r.executable());
+        let needed = self.execution.max_concurrent + self.worker.max_in_flight_batches;
+        if executes && (self.database.max_connections as usize) <= needed {
+            return err(format!(
+                "database.max_connections ({}) must exceed execution.max_concurrent + worker.max_in_flight_batches ({needed}): each running task holds a connection for its lock",
+                self.database.max_connections
+            ));
         }
         self.validate_webhooks()
     }

@@ -59,12 +59,22 @@ pub enum ErrorCode {
     TaskBlocked,
     /// MHV-106: an idempotency key was reused with a different request body.
     IdempotencyConflict,
+    /// MHV-107: the task has finished (failed or cancelled); the operation no longer applies.
+    TaskFinished,
     /// MHV-200: unknown repository.
     RepositoryNotFound,
     /// MHV-201: the repository is not configured for execution.
     RepositoryNotConfigured,
     /// MHV-202: a worktree could not be created.
     WorktreeCreationFailed,
+    /// MHV-203: the repository has no action with that name.
+    ActionNotFound,
+    /// MHV-204: the action failed and will not be retried (a non-retryable exit, or attempts ran out).
+    ActionFailed,
+    /// MHV-205: the action ran past its timeout on its last attempt.
+    ActionTimedOut,
+    /// MHV-206: a quality gate failed after the action succeeded.
+    QualityGateFailed,
     /// MHV-300: webhook signature invalid.
     WebhookSignatureInvalid,
     /// MHV-301: webhook replay detected.
@@ -120,9 +130,14 @@ impl ErrorCode {
         Self::TaskAlreadyCompleted,
         Self::TaskBlocked,
         Self::IdempotencyConflict,
+        Self::TaskFinished,
         Self::RepositoryNotFound,
         Self::RepositoryNotConfigured,
         Self::WorktreeCreationFailed,
+        Self::ActionNotFound,
+        Self::ActionFailed,
+        Self::ActionTimedOut,
+        Self::QualityGateFailed,
         Self::WebhookSignatureInvalid,
         Self::WebhookReplay,
         Self::GitHubApi,
@@ -178,12 +193,22 @@ impl ErrorCode {
                 "Unblock the task first, then retry."),
             IdempotencyConflict => ("MHV-106", "idempotency key reused with a different request", 409, false,
                 "Use a new Idempotency-Key for a different request; the first request with this key stands."),
-            RepositoryNotFound => ("MHV-200", "repository not found", 404, false,
-                "Check the repository name; an operator can tell you which repositories are registered."),
+            TaskFinished => ("MHV-107", "task already finished", 409, false,
+                "The task failed or was cancelled; retry it (`mhv tasks retry ID`) or create a new one."),
+            RepositoryNotFound => ("MHV-200", "repository not found", 422, false,
+                "Name a repository the fleet has registered (`[repositories.<name>]`; `mhv config check` prints them) or ask an operator to register it."),
             RepositoryNotConfigured => ("MHV-201", "repository not configured", 422, false,
-                "Ask an operator to configure the repository for execution."),
+                "The repository is registered but has no path or no actions, so it cannot run anything: drop `metadata.action`, or ask an operator to configure it for execution."),
             WorktreeCreationFailed => ("MHV-202", "worktree creation failed", 500, true,
-                "Retried automatically; operators: check disk space and the repository path."),
+                "Retried automatically; operators: check disk space, the repository path and its default branch (runbooks/execution.md)."),
+            ActionNotFound => ("MHV-203", "action not found", 422, false,
+                "Name one of the repository's actions in `metadata.action` (the message lists them), or leave it out to run the default."),
+            ActionFailed => ("MHV-204", "action failed", 500, false,
+                "The task is failed and dead-lettered with the exit code and output tail (`mhv dlq show ID`). Fix the cause, then `mhv dlq replay ID` or `mhv tasks retry TASK`."),
+            ActionTimedOut => ("MHV-205", "action timed out", 500, false,
+                "Every attempt ran past the action's timeout_secs and was killed with its process group. Make it faster or raise the timeout, then `mhv dlq replay ID`."),
+            QualityGateFailed => ("MHV-206", "quality gate failed", 500, false,
+                "The action succeeded but a gate named in the reason failed; its output tail is in the dead letter. Fix the cause, then `mhv dlq replay ID`."),
             WebhookSignatureInvalid => ("MHV-300", "webhook signature invalid", 401, false,
                 "Check the webhook secret configured at the sender matches an active secret of the source."),
             WebhookReplay => ("MHV-301", "webhook replay detected", 409, false,
@@ -331,7 +356,7 @@ mod tests {
         assert_eq!(ErrorCode::RepositoryNotFound.as_str(), "MHV-200");
         assert_eq!(ErrorCode::WebhookSignatureInvalid.as_str(), "MHV-300");
         assert_eq!(ErrorCode::WebhookHeaderInvalid.as_str(), "MHV-306");
-        assert_eq!(ErrorCode::ALL.len(), 31);
+        assert_eq!(ErrorCode::ALL.len(), 36);
         assert!(ErrorCode::BrokerUnavailable.is_transient());
         assert!(!ErrorCode::Validation.is_transient());
     }

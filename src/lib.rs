@@ -8,6 +8,7 @@
 //! - [`topology`]: subject, stream and consumer names and their idempotent set-up;
 //! - [`db`]: the PostgreSQL pool, migrator and cancellation rule;
 //! - [`read_api`]: the request/reply contract of reads (gateway → workers over NATS);
+//! - [`registry`]: the repository registry (what tasks may run) and execution settings;
 //! - [`devstack`]: starting a local nats-server or PostgreSQL (for `mhv up` and tests);
 //! - [`telemetry`]: tracing set-up;
 //! - [`webhooks`]: signature verification for GitHub, GitLab and Standard Webhooks senders.
@@ -21,8 +22,8 @@ pub mod db;
 pub mod devstack;
 pub mod envelope;
 pub mod error;
-pub mod lease;
 pub mod read_api;
+pub mod registry;
 pub mod task;
 pub mod telemetry;
 pub mod topology;

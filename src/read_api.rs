@@ -20,3 +20,29 @@ pub enum Reply<T> {
 pub type TaskReply = Reply<Task>;
 /// Reply to `mhv.api.tasks.audit`.
 pub type AuditReply = Reply<Vec<AuditEntry>>;
+
+/// Request to `mhv.api.tasks.cancel` (JSON).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CancelRequest {
+    /// The task.
+    pub task_id: uuid::Uuid,
+    /// Who asks (`api:<key name>`), for the audit row.
+    pub actor: String,
+    /// Why, for the audit row (at most 500 characters).
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// The answer to a cancel request.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Cancelled {
+    /// The task.
+    pub id: uuid::Uuid,
+    /// Always `cancelled`.
+    pub status: String,
+    /// Its status before this request (`cancelled` when it was cancelled already).
+    pub previous_status: String,
+}
+
+/// Reply to `mhv.api.tasks.cancel`.
+pub type CancelReply = Reply<Cancelled>;

@@ -39,6 +39,79 @@ pub const SUBJECT_READ_TASK: &str = "mhv.api.tasks.get";
 /// Request subject: audit log of one task (payload: the id as text).
 pub const SUBJECT_READ_AUDIT: &str = "mhv.api.tasks.audit";
 
+/// Execution requests: `mhv.exec.{repository}`, payload [`ExecRequest`] as JSON.
+pub const SUBJECT_EXEC_PREFIX: &str = "mhv.exec";
+/// Cancellation broadcasts (core NATS, not stored): `mhv.control.cancel.{task id}`. Every worker
+/// listens; the one running the task stops it.
+pub const SUBJECT_CANCEL_PREFIX: &str = "mhv.control.cancel";
+/// Request subject: cancel a task (payload [`crate::read_api::CancelRequest`]); answered by a
+/// worker (queue group [`READ_QUEUE_GROUP`]).
+pub const SUBJECT_TASK_CANCEL: &str = "mhv.api.tasks.cancel";
+
+/// An execution request: run this task (what it runs is read from the database and the
+/// registry, never from the message).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ExecRequest {
+    /// The task.
+    pub task_id: uuid::Uuid,
+}
+
+/// The subject of a repository's execution requests.
+pub fn exec_subject(repository: &str) -> String {
+    format!("{SUBJECT_EXEC_PREFIX}.{repository}")
+}
+
+/// The execution stream: a work queue of [`ExecRequest`]s.
+pub fn exec_stream_config(
+    n: &NatsSettings,
+    e: &crate::registry::ExecutionSettings,
+) -> stream::Config {
+    stream::Config {
+        name: e.stream.clone(),
+        description: Some("Mahavishnu execution requests (one per task run)".into()),
+        subjects: vec![format!("{SUBJECT_EXEC_PREFIX}.*")],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        discard: stream::DiscardPolicy::New,
+        max_bytes: n.stream.max_bytes,
+        max_message_size: 4096,
+        num_replicas: n.stream.replicas,
+        duplicate_window: Duration::from_secs(n.stream.duplicate_window_secs),
+        ..Default::default()
+    }
+}
+
+/// The executors' durable pull consumer. Attempts are counted in PostgreSQL (`task_runs`), not
+/// by JetStream deliveries: waiting for a repository slot or for a paused owner NAKs the request
+/// without spending an attempt, so deliveries are unlimited.
+pub fn exec_consumer_config(e: &crate::registry::ExecutionSettings) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(e.consumer.clone()),
+        description: Some("Mahavishnu workers: execute tasks".into()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        deliver_policy: consumer::DeliverPolicy::All,
+        ack_wait: Duration::from_secs(e.ack_wait_secs),
+        max_deliver: -1,
+        max_ack_pending: 10_000,
+        ..Default::default()
+    }
+}
+
+/// Creates or updates the execution stream and its consumer.
+pub async fn ensure_exec(
+    js: &jetstream::Context,
+    s: &crate::config::Settings,
+) -> anyhow::Result<consumer::PullConsumer> {
+    use anyhow::Context as _;
+    let e = &s.execution;
+    js.create_or_update_stream(exec_stream_config(&s.nats, e))
+        .await
+        .with_context(|| format!("creating or updating stream {}", e.stream))?;
+    js.create_consumer_on_stream(exec_consumer_config(e), &e.stream)
+        .await
+        .with_context(|| format!("creating or updating consumer {}", e.consumer))
+}
+
 /// Stream configuration from settings.
 pub fn stream_config(n: &NatsSettings) -> stream::Config {
     stream::Config {

@@ -40,6 +40,12 @@ impl ApiError {
         e
     }
 
+    /// Adds field details.
+    pub fn with_details(mut self, details: Vec<FieldError>) -> Self {
+        self.body.details = details;
+        self
+    }
+
     /// Overrides the HTTP status (e.g. 400 for a malformed header under MHV-003).
     pub fn with_status(mut self, status: StatusCode) -> Self {
         self.status = status;

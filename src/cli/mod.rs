@@ -1,6 +1,8 @@
 //! The `mhv` operator CLI. `main.rs` only parses and dispatches to these functions.
 
 pub mod bench;
+pub mod dlq;
+pub mod tasks;
 pub mod up;
 pub mod webhooks;
 
@@ -51,6 +53,12 @@ pub enum Command {
     /// Webhook sources, deliveries and forced redelivery.
     #[command(subcommand)]
     Webhooks(webhooks::WebhooksCommand),
+    /// Cancel, retry and inspect tasks.
+    #[command(subcommand)]
+    Tasks(tasks::TasksCommand),
+    /// Dead letters: list, show, replay.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
 }
 
 /// `mhv config …`.
@@ -138,6 +146,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(load()?, args).await,
         Command::Up(args) => up::run(load()?, args).await,
         Command::Webhooks(cmd) => webhooks::run(load()?, cmd).await,
+        Command::Tasks(cmd) => tasks::run(load()?, cmd).await,
+        Command::Dlq(cmd) => dlq::run(load()?, cmd).await,
     }
 }
 

@@ -4,6 +4,7 @@
 //! Validation lives in [`validate`] and runs twice: at the gateway (fast feedback) and in the
 //! workers (producers may publish straight to NATS and bypass the gateway).
 
+pub mod control;
 pub mod lifecycle;
 pub mod validate;
 

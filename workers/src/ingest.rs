@@ -180,7 +180,12 @@ pub async fn handle_batch(ctx: &Arc<Ctx>, msgs: Vec<jetstream::Message>) {
     let msgs = Arc::new(msgs);
     let heartbeat = heartbeat(ctx, Arc::clone(&msgs));
     // Shared with the detached transaction without copying payloads.
-    let items: Arc<Vec<Item>> = Arc::new(msgs.iter().map(|m| classify(m, &ctx.limits)).collect());
+    let registry = &ctx.settings.repositories;
+    let items: Arc<Vec<Item>> = Arc::new(
+        msgs.iter()
+            .map(|m| check_plan(classify(m, &ctx.limits), registry))
+            .collect(),
+    );
     for item in items.iter() {
         // The reason can quote body values (decoder messages do); it goes to the dead-letter
         // row, never to the log.
@@ -200,11 +205,24 @@ pub async fn handle_batch(ctx: &Arc<Ctx>, msgs: Vec<jetstream::Message>) {
     m.in_flight_batches.dec();
     match result {
         Ok(outcomes) => {
-            for ((msg, outcome), item) in msgs.iter().zip(outcomes).zip(items.iter()) {
+            let dispatched = futures::future::join_all(
+                items
+                    .iter()
+                    .zip(&outcomes)
+                    .map(|(item, outcome)| dispatch(ctx, item, *outcome)),
+            )
+            .await;
+            for (((msg, outcome), item), sent) in
+                msgs.iter().zip(outcomes).zip(items.iter()).zip(dispatched)
+            {
                 if outcome == Outcome::DeadLettered && matches!(item.kind, ItemKind::Task { .. }) {
                     tracing::warn!(message.key = %item.key, code = %ErrorCode::IdempotencyConflict, "idempotency key reused with a different task; the first stands");
                 }
-                settle(ctx, msg, outcome).await;
+                if sent {
+                    settle(ctx, msg, outcome).await;
+                } else {
+                    nak(ctx, msg).await;
+                }
             }
         }
         Err(e) if e.is_transient() => {
@@ -244,7 +262,13 @@ async fn handle_one(ctx: &Arc<Ctx>, msg: &jetstream::Message, item: Item) {
     let one = vec![item.clone()];
     let result = db::detached(async move { persist::persist_batch(&pool, &one).await }).await;
     match result {
-        Ok(outcomes) => settle(ctx, msg, outcomes[0]).await,
+        Ok(outcomes) => {
+            if dispatch(ctx, &item, outcomes[0]).await {
+                settle(ctx, msg, outcomes[0]).await;
+            } else {
+                nak(ctx, msg).await;
+            }
+        }
         Err(e) if e.is_transient() => nak(ctx, msg).await,
         Err(e) => {
             tracing::error!(error = %e, message.key = %item.key, "message cannot be written; dead-lettering");
@@ -320,6 +344,66 @@ pub async fn nak(ctx: &Ctx, msg: &jetstream::Message) {
     // Always with a delay: a bare NAK redelivers at once.
     if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
         tracing::warn!(error = %e, "nak failed; the message will be redelivered after ack wait");
+    }
+}
+
+/// Refuses a task that names what the repository registry does not have (`MHV-200`, `201`,
+/// `203`): the gateway checks this too, but producers can bypass it.
+pub fn check_plan(
+    item: Item,
+    registry: &std::collections::BTreeMap<String, mahavishnu::registry::Repository>,
+) -> Item {
+    let ItemKind::Task { task, raw, .. } = &item.kind else {
+        return item;
+    };
+    match mahavishnu::registry::plan_for(registry, task) {
+        Ok(_) => item,
+        Err(e) => Item {
+            kind: ItemKind::Poison {
+                code: e.code,
+                reason: format!("{}: {}", e.field, e.message),
+                raw: raw.clone(),
+            },
+            ..item
+        },
+    }
+}
+
+/// After the commit, asks the executors to run a task that has something to run. Also for a
+/// duplicate: the first delivery may have committed and then died before its request was
+/// published (a second request is harmless). False when the request was not confirmed: the
+/// message is then NAKed, and its redelivery publishes again.
+pub async fn dispatch(ctx: &Ctx, item: &Item, outcome: Outcome) -> bool {
+    let ItemKind::Task { task_id, task, .. } = &item.kind else {
+        return true;
+    };
+    if outcome == Outcome::DeadLettered {
+        return true;
+    }
+    request_execution(ctx, *task_id, task).await
+}
+
+/// Publishes the execution request of a new task if the registry gives it something to run.
+pub async fn request_execution(ctx: &Ctx, task_id: uuid::Uuid, task: &task::NewTask) -> bool {
+    if !matches!(
+        mahavishnu::registry::plan_for(&ctx.settings.repositories, task),
+        Ok(Some(_))
+    ) {
+        return true;
+    }
+    match mahavishnu::task::control::request_execution(
+        &ctx.js,
+        &task.repository,
+        task_id,
+        &format!("exec:{task_id}"),
+    )
+    .await
+    {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, task.id = %task_id, "execution request not confirmed; redelivering the task message");
+            false
+        }
     }
 }
 

@@ -41,6 +41,36 @@ pub struct Ctx {
     pub metrics: metrics::Metrics,
     /// Task field limits.
     pub limits: Limits,
+    /// This worker's id in the saga log and audit rows (`host:pid:random`).
+    pub worker_id: String,
+    /// Tasks this worker runs, for cancellation.
+    pub running: Arc<exec::Running>,
+    /// One git bookkeeping operation per repository at a time in this worker.
+    pub worktree_locks:
+        tokio::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Ctx {
+    /// Serializes `git worktree add/remove/prune` on one repository within this worker.
+    pub async fn worktree_lock(&self, repo: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let m = self
+            .worktree_locks
+            .lock()
+            .await
+            .entry(repo.to_owned())
+            .or_default()
+            .clone();
+        m.lock_owned().await
+    }
+}
+
+/// A worker id unique across the fleet and across restarts.
+fn new_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "host".into());
+    let r = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}:{}:{}", std::process::id(), &r[..8])
 }
 
 /// The claim-check body bucket, opened on first use (ObjectStore has no `Debug`).
@@ -70,6 +100,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         nats,
         js: js.clone(),
         webhook_bodies: LazyBodies::default(),
+        worker_id: new_worker_id(),
+        running: Arc::default(),
+        worktree_locks: tokio::sync::Mutex::default(),
     });
 
     let metrics_server = if ctx.settings.worker.metrics_listen.is_empty() {
@@ -80,8 +113,14 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
 
     let reads = tokio::spawn(reads::serve(ctx.clone(), shutdown.clone()));
     let pruner = tokio::spawn(webhooks::prune(ctx.clone(), shutdown.clone()));
+    let executor = tokio::spawn(exec::consume(ctx.clone(), shutdown.clone()));
     let consumed = ingest::consume(ctx.clone(), js, shutdown.clone()).await;
     shutdown.cancel();
+    match executor.await {
+        Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "executor ended with an error"),
+        Err(e) => tracing::error!(error = %e, "executor panicked"),
+        Ok(Ok(())) => {}
+    }
     let _ = pruner.await;
     if let Ok(Err(e)) = reads.await {
         tracing::warn!(error = %format!("{e:#}"), "read service ended with an error");

@@ -25,6 +25,15 @@ pub struct Metrics {
     /// `mhv_webhook_deliveries_processed_total{source,verdict}`: task_created, no_match, invalid,
     /// duplicate, replayed, tampered, redelivered.
     pub webhook_deliveries_total: IntCounterVec,
+    /// `mhv_exec_requests_total{outcome}`: execution requests settled (acked, nacked, terminated).
+    pub exec_requests_total: IntCounterVec,
+    /// `mhv_exec_attempts_total{state}`: attempts finished, by how (succeeded, failed, timed_out,
+    /// gate_failed, cancelled, interrupted).
+    pub exec_attempts_total: IntCounterVec,
+    /// `mhv_exec_running`: tasks this worker runs now.
+    pub exec_running: IntGauge,
+    /// `mhv_exec_takeovers_total`: attempts of dead workers taken over.
+    pub exec_takeovers_total: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -70,6 +79,28 @@ impl Metrics {
                 "mhv_webhook_deliveries_processed_total",
                 "Webhook deliveries the workers committed, by source and verdict",
                 &["source", "verdict"],
+                registry
+            )?,
+            exec_requests_total: register_int_counter_vec_with_registry!(
+                "mhv_exec_requests_total",
+                "Execution requests settled, by outcome",
+                &["outcome"],
+                registry
+            )?,
+            exec_attempts_total: register_int_counter_vec_with_registry!(
+                "mhv_exec_attempts_total",
+                "Execution attempts finished, by final state",
+                &["state"],
+                registry
+            )?,
+            exec_running: register_int_gauge_with_registry!(
+                "mhv_exec_running",
+                "Tasks this worker is running now",
+                registry
+            )?,
+            exec_takeovers_total: prometheus::register_int_counter_with_registry!(
+                "mhv_exec_takeovers_total",
+                "In-flight attempts of dead workers taken over",
                 registry
             )?,
             registry,

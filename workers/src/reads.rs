@@ -32,6 +32,10 @@ pub async fn serve(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::Result
         .endpoint(topology::SUBJECT_READ_AUDIT)
         .await
         .map_err(|e| anyhow::anyhow!("adding endpoint: {e}"))?;
+    let mut cancel = service
+        .endpoint(topology::SUBJECT_TASK_CANCEL)
+        .await
+        .map_err(|e| anyhow::anyhow!("adding endpoint: {e}"))?;
     // Reads share the pool with ingest; they get what ingest does not use, so a burst of reads
     // cannot starve the transactions that persist tasks.
     let s = &ctx.settings;
@@ -58,6 +62,15 @@ pub async fn serve(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::Result
                     let Ok(_permit) = permits.acquire_owned().await else { return };
                     let reply = get_audit(&ctx, &req.message.payload).await;
                     respond(&ctx, "audit", req, &reply).await;
+                });
+            }
+            Some(req) = cancel.next() => {
+                let ctx = ctx.clone();
+                let permits = permits.clone();
+                tokio::spawn(async move {
+                    let Ok(_permit) = permits.acquire_owned().await else { return };
+                    let reply = cancel_task(&ctx, &req.message.payload).await;
+                    respond(&ctx, "cancel", req, &reply).await;
                 });
             }
             () = shutdown.cancelled() => break,
@@ -90,6 +103,32 @@ async fn respond<T: serde::Serialize>(
     let body = serde_json::to_vec(reply).unwrap_or_default();
     if let Err(e) = req.respond(Ok(Bytes::from(body))).await {
         tracing::warn!(error = %e, "could not send read reply");
+    }
+}
+
+/// Cancels a task (`POST /v1/tasks/{id}/cancel`); see [`mahavishnu::task::control::cancel`].
+pub async fn cancel_task(ctx: &Ctx, payload: &[u8]) -> Reply<mahavishnu::read_api::Cancelled> {
+    use mahavishnu::task::control::{self, Cancelled};
+    let req: mahavishnu::read_api::CancelRequest = match serde_json::from_slice(payload) {
+        Ok(r) => r,
+        Err(e) => {
+            return Reply::Error(ErrorBody::new(
+                ErrorCode::MalformedBody,
+                format!("bad cancel request: {e}"),
+            ))
+        }
+    };
+    let id = req.task_id;
+    match control::cancel(&ctx.pool, &ctx.nats, id, &req.actor, req.reason.as_deref()).await {
+        Ok(c) => Reply::Ok(mahavishnu::read_api::Cancelled {
+            id,
+            status: Status::Cancelled.as_str().to_owned(),
+            previous_status: match c {
+                Cancelled::Now(prev) => prev.as_str().to_owned(),
+                Cancelled::Already => Status::Cancelled.as_str().to_owned(),
+            },
+        }),
+        Err(control::ControlError(body)) => Reply::Error(body),
     }
 }
 

@@ -75,6 +75,12 @@ pub async fn handle_messages(ctx: &Arc<Ctx>, msgs: Vec<jetstream::Message>) {
         };
         match result {
             Ok(done) => {
+                if let Some((id, task)) = &done.exec {
+                    if !crate::ingest::request_execution(ctx, *id, task).await {
+                        crate::ingest::nak(ctx, msg).await;
+                        continue;
+                    }
+                }
                 if let Err(e) = msg.ack_with(AckKind::Ack).await {
                     tracing::warn!(error = %e, "ack failed after commit; the ledger absorbs the redelivery");
                 } else if let Some(name) = done.delete_object {
@@ -186,8 +192,18 @@ fn settled(ctx: &Ctx, p: &Prepared, label: &'static str) -> Done {
         .webhook_deliveries_total
         .with_label_values(&[source.as_str(), label])
         .inc();
+    // Also for a duplicate of the same delivery: its first copy may have committed and died
+    // before its execution request was published (a second request is harmless).
+    let exec = match (&p.routed, label) {
+        (Routed::Task { task, .. }, "task_created" | "duplicate") => Some((
+            envelope::task_id_for(&delivery::task_key(&p.m.source, &p.m.delivery_id)),
+            task.clone(),
+        )),
+        _ => None,
+    };
     Done {
         delete_object: p.m.claim_check.clone(),
+        exec,
     }
 }
 
@@ -217,6 +233,8 @@ async fn unreachable_bounded(ctx: &Ctx, msg: &jetstream::Message) {
 #[derive(Default)]
 struct Done {
     delete_object: Option<String>,
+    /// A task to request the execution of before the ack.
+    exec: Option<(Uuid, task::NewTask)>,
 }
 
 enum Failure {
@@ -399,6 +417,7 @@ async fn prepare(
         rules,
         &ctx.limits,
         m.received_at,
+        &ctx.settings.repositories,
     );
     Ok(Ok(Prepared {
         attempt_key: attempt_key(msg),
@@ -583,6 +602,7 @@ fn decide(
     rules: &[mahavishnu::config::WebhookRule],
     limits: &task::Limits,
     received_at: DateTime<Utc>,
+    registry: &std::collections::BTreeMap<String, mahavishnu::registry::Repository>,
 ) -> (String, Routed) {
     let payload: serde_json::Value = match serde_json::from_slice(body) {
         Ok(v) => v,
@@ -604,7 +624,13 @@ fn decide(
             reason,
         },
         Verdict::Task { rule, request } => match task::validate(&request, limits, received_at) {
-            Ok(task) => Routed::Task { rule, task },
+            Ok(task) => match mahavishnu::registry::plan_for(registry, &task) {
+                Ok(_) => Routed::Task { rule, task },
+                Err(e) => Routed::Invalid {
+                    rule: Some(rule),
+                    reason: format!("{} ({}): {}", e.field, e.code, e.message),
+                },
+            },
             Err(fields) => Routed::Invalid {
                 rule: Some(rule),
                 reason: fields
@@ -825,6 +851,7 @@ async fn redeliver(ctx: &Arc<Ctx>, msg: &jetstream::Message) -> Result<Done, Fai
     })?;
     let rules = rules_of(ctx, &req.source).to_vec();
     let limits = ctx.limits;
+    let registry = ctx.settings.repositories.clone();
     let pool = ctx.pool.clone();
     let subject = msg.subject.to_string();
     let stream_seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
@@ -847,7 +874,7 @@ async fn redeliver(ctx: &Arc<Ctx>, msg: &jetstream::Message) -> Result<Done, Fai
             "gitlab" => WebhookScheme::Gitlab,
             _ => WebhookScheme::Standard,
         };
-        let (_, routed) = decide(scheme, &event, &body, &rules, &limits, Utc::now());
+        let (_, routed) = decide(scheme, &event, &body, &rules, &limits, Utc::now(), &registry);
         let key = format!("whr:{}", r.redelivery_id);
         let raw = Raw {
             subject,
@@ -869,10 +896,14 @@ async fn redeliver(ctx: &Arc<Ctx>, msg: &jetstream::Message) -> Result<Done, Fai
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(Some(verdict))
+        let exec = match (&routed, task_id) {
+            (Routed::Task { task, .. }, Some(id)) => Some((id, task.clone())),
+            _ => None,
+        };
+        Ok(Some((verdict, exec)))
     })
     .await?;
-    if label.is_none() {
+    let Some((_, exec)) = label else {
         // Bounded, not at once: the delivery may be in this very pull, not yet recorded.
         return Err(Failure::Bounded(
             ErrorCode::Validation,
@@ -881,12 +912,15 @@ async fn redeliver(ctx: &Arc<Ctx>, msg: &jetstream::Message) -> Result<Done, Fai
                 req.delivery_id, req.source
             ),
         ));
-    }
+    };
     ctx.metrics
         .webhook_deliveries_total
         .with_label_values(&[source_label(ctx, &req.source).as_str(), "redelivered"])
         .inc();
-    Ok(Done::default())
+    Ok(Done {
+        exec,
+        ..Done::default()
+    })
 }
 
 async fn poison(
@@ -1046,6 +1080,7 @@ mod tests {
             &[],
             &task::Limits::default(),
             Utc::now(),
+            &Default::default(),
         );
         assert_eq!(r.verdict(), "invalid");
     }

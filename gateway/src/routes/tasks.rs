@@ -76,6 +76,20 @@ pub async fn create(
             return Err(ApiError::validation(details));
         }
     };
+    // Commands come only from configuration: the task may only name what the registry has.
+    if let Err(e) = mahavishnu::registry::plan_for(&state.settings().repositories, &task) {
+        metrics
+            .task_creation_total
+            .with_label_values(&["_invalid", "rejected"])
+            .inc();
+        let field = e.field;
+        return Err(ApiError::new(e.code, e.message.clone()).with_details(vec![
+            mahavishnu::error::FieldError {
+                field: field.to_owned(),
+                problem: e.message,
+            },
+        ]));
+    }
     // Only a validated repository name may become a label value.
     let repo_label = metrics.repository_label(&task.repository).to_owned();
 
@@ -197,7 +211,7 @@ pub async fn get(
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(id)?;
-    read::<mahavishnu::task::Task>(&state, topology::SUBJECT_READ_TASK, id).await
+    read::<mahavishnu::task::Task>(&state, topology::SUBJECT_READ_TASK, id.to_string().into()).await
 }
 
 /// `GET /v1/tasks/{id}/audit`.
@@ -206,13 +220,67 @@ pub async fn audit(
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(id)?;
-    read::<Vec<mahavishnu::task::AuditEntry>>(&state, topology::SUBJECT_READ_AUDIT, id).await
+    read::<Vec<mahavishnu::task::AuditEntry>>(
+        &state,
+        topology::SUBJECT_READ_AUDIT,
+        id.to_string().into(),
+    )
+    .await
+}
+
+/// Optional body of `POST /v1/tasks/{id}/cancel`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancelBody {
+    /// Why (kept in the audit row; at most 500 characters).
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// `POST /v1/tasks/{id}/cancel`: a queued task never starts; a running one has its process
+/// group stopped (SIGTERM, then SIGKILL after `execution.kill_grace_ms`) by the worker running
+/// it. Answered by a worker once the cancellation is committed. Idempotent.
+pub async fn cancel(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    id: Result<Path<String>, PathRejection>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let id = parse_id(id)?;
+    let body: CancelBody = if body.iter().all(u8::is_ascii_whitespace) {
+        CancelBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                ErrorCode::MalformedBody,
+                format!("the body must be empty or {{\"reason\": \"...\"}}: {e}"),
+            )
+        })?
+    };
+    if body
+        .reason
+        .as_ref()
+        .is_some_and(|r| r.chars().count() > 500)
+    {
+        return Err(ApiError::new(
+            ErrorCode::Validation,
+            "reason must be at most 500 characters",
+        ));
+    }
+    let req = mahavishnu::read_api::CancelRequest {
+        task_id: id,
+        actor: format!("api:{}", principal.0),
+        reason: body.reason.map(|r| r.replace('\0', "")),
+    };
+    let payload = serde_json::to_vec(&req).unwrap_or_default();
+    read::<mahavishnu::read_api::Cancelled>(&state, topology::SUBJECT_TASK_CANCEL, payload.into())
+        .await
 }
 
 async fn read<T: serde::de::DeserializeOwned + Serialize>(
     state: &AppState,
     subject: &'static str,
-    id: Uuid,
+    payload: Bytes,
 ) -> Result<Response, ApiError> {
     use async_nats::RequestErrorKind;
     if !state.nats_connected() {
@@ -222,26 +290,23 @@ async fn read<T: serde::de::DeserializeOwned + Serialize>(
         ));
     }
     let timeout = mahavishnu::config::ms(state.settings().nats.request_timeout_ms);
-    let reply = tokio::time::timeout(
-        timeout,
-        state.nats().request(subject, id.to_string().into()),
-    )
-    .await
-    .map_err(|_| ApiError::new(ErrorCode::WorkerUnavailable, "no worker answered in time"))?
-    .map_err(|e| match e.kind() {
-        RequestErrorKind::NoResponders => {
-            ApiError::new(ErrorCode::WorkerUnavailable, "no worker is running")
-        }
-        RequestErrorKind::TimedOut => {
-            ApiError::new(ErrorCode::WorkerUnavailable, "no worker answered in time")
-        }
-        RequestErrorKind::Other
-        | RequestErrorKind::InvalidSubject
-        | RequestErrorKind::MaxPayloadExceeded => {
-            tracing::warn!(error = %e, "read request failed");
-            ApiError::new(ErrorCode::BrokerUnavailable, "the read request failed")
-        }
-    })?;
+    let reply = tokio::time::timeout(timeout, state.nats().request(subject, payload))
+        .await
+        .map_err(|_| ApiError::new(ErrorCode::WorkerUnavailable, "no worker answered in time"))?
+        .map_err(|e| match e.kind() {
+            RequestErrorKind::NoResponders => {
+                ApiError::new(ErrorCode::WorkerUnavailable, "no worker is running")
+            }
+            RequestErrorKind::TimedOut => {
+                ApiError::new(ErrorCode::WorkerUnavailable, "no worker answered in time")
+            }
+            RequestErrorKind::Other
+            | RequestErrorKind::InvalidSubject
+            | RequestErrorKind::MaxPayloadExceeded => {
+                tracing::warn!(error = %e, "read request failed");
+                ApiError::new(ErrorCode::BrokerUnavailable, "the read request failed")
+            }
+        })?;
     match serde_json::from_slice::<Reply<T>>(&reply.payload) {
         Ok(Reply::Ok(v)) => Ok(Json(v).into_response()),
         Ok(Reply::Error(body)) => Err(ApiError::from_body(body)),

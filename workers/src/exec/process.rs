@@ -94,6 +94,16 @@ pub enum SpawnError {
 
 /// Runs `spec` until it exits, times out or `cancel` fires.
 pub async fn run(spec: &Spec, cancel: &CancellationToken) -> Result<Outcome, SpawnError> {
+    run_notify(spec, cancel, None).await
+}
+
+/// [`run`], sending the process group id on `spawned` as soon as the command started (so the
+/// caller can record it while the command runs).
+pub async fn run_notify(
+    spec: &Spec,
+    cancel: &CancellationToken,
+    spawned: Option<tokio::sync::oneshot::Sender<i32>>,
+) -> Result<Outcome, SpawnError> {
     let (program, args) = spec.argv.split_first().ok_or(SpawnError::Empty)?;
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
@@ -122,6 +132,9 @@ pub async fn run(spec: &Spec, cancel: &CancellationToken) -> Result<Outcome, Spa
         .id()
         .and_then(|p| i32::try_from(p).ok())
         .unwrap_or_default();
+    if let Some(tx) = spawned {
+        let _ = tx.send(pgid);
+    }
     let out = tokio::spawn(capture(child.stdout.take(), spec.output_cap));
     let err = tokio::spawn(capture(child.stderr.take(), spec.output_cap));
 
@@ -200,6 +213,27 @@ pub fn redact(text: &str, secrets: &[String]) -> String {
         .fold(text.to_owned(), |t, s| t.replace(s.as_str(), "[REDACTED]"))
 }
 
+/// True when a live process of group `pgid` runs with `NAME=value` for each pair in its
+/// environment (read from `/proc/{pid}/environ`): how a takeover recognises the orphaned command
+/// of a dead worker before killing its group, whatever the id was reused for since.
+pub fn group_has_env(pgid: i32, pairs: &[(&str, &str)]) -> bool {
+    group_members(pgid)
+        .into_iter()
+        .any(|pid| has_env(pid, pairs))
+}
+
+/// True when process `pid` runs with `NAME=value` for each pair in its environment.
+pub fn has_env(pid: i32, pairs: &[(&str, &str)]) -> bool {
+    let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+        return false;
+    };
+    let vars: Vec<&[u8]> = env.split(|b| *b == 0).collect();
+    pairs.iter().all(|(k, v)| {
+        let want = format!("{k}={v}");
+        vars.contains(&want.as_bytes())
+    })
+}
+
 /// Sends `signal` to every process of group `pgid`.
 pub fn signal_group(pgid: i32, signal: i32) {
     if pgid <= 1 {
@@ -216,32 +250,30 @@ pub fn signal_group(pgid: i32, signal: i32) {
 /// orphan stays a zombie until whoever adopted it reaps it, which may be never in a container
 /// whose init does not reap, and a zombie runs nothing.
 pub fn group_alive(pgid: i32) -> bool {
+    !group_members(pgid).is_empty()
+}
+
+/// Live (not zombie) processes of group `pgid`.
+pub fn group_members(pgid: i32) -> Vec<i32> {
     if pgid <= 1 {
-        return false;
+        return Vec::new();
     }
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return false;
+        return Vec::new();
     };
-    entries.flatten().any(|e| {
-        let name = e.file_name();
-        let Some(pid) = name
-            .to_str()
-            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        else {
-            return false;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            return false;
-        };
-        // "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-            return false;
-        };
-        let mut fields = rest.split_whitespace();
-        let state = fields.next().unwrap_or("Z");
-        let pgrp = fields.nth(1).and_then(|f| f.parse::<i32>().ok());
-        pgrp == Some(pgid) && state != "Z" && state != "X"
-    })
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+            let rest = &stat[stat.rfind(')')? + 1..];
+            let mut fields = rest.split_whitespace();
+            let state = fields.next().unwrap_or("Z");
+            let pgrp = fields.nth(1).and_then(|f| f.parse::<i32>().ok());
+            (pgrp == Some(pgid) && state != "Z" && state != "X").then_some(pid)
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -1,0 +1,974 @@
+//! One execution request, start to verdict.
+//!
+//! 1. **Look**: the task must be `queued` (or `running`, see takeover); anything else is acked.
+//! 2. **Lock**: a transaction on a connection of its own takes the task's execution lock
+//!    (`pg_try_advisory_xact_lock`) and, if the repository has a fleet-wide limit, one of its
+//!    slot locks. The transaction stays open for the whole attempt: the locks live exactly as long
+//!    as this worker's database session, so a worker that dies (SIGKILL, lost host) frees them at
+//!    once, and a paused one (SIGSTOP) keeps them. Lock busy: someone alive runs the task (or the
+//!    repository is full): NAK with a delay, no attempt spent.
+//! 3. **Takeover**: a task still `running` whose lock we could take belongs to a dead worker.
+//!    Its in-flight attempt is compensated — stale worktree removed, attempt marked
+//!    `abandoned`, saga step `takeover/compensated` — and the task goes back to `queued`.
+//! 4. **Start**: `queued → running` plus the `task_runs` row and saga step, committed; then the
+//!    worktree, the command in its own process group, the gates, and the worktree's removal, each
+//!    recorded in the saga log as it happens. In-progress acks go out every third of the ack wait.
+//! 5. **Verdict**, written in the lock transaction and committed before the request is acked:
+//!    completed; requeued (passing failure, NAK with exponential backoff); or failed and
+//!    dead-lettered (permanent failure, or attempts exhausted; then TERM). A worker whose session
+//!    was cut off cannot commit a verdict: the attempt is taken over instead.
+
+use super::{process, worktree};
+use crate::Ctx;
+use async_nats::jetstream::{self, AckKind};
+use mahavishnu::error::ErrorCode;
+use mahavishnu::registry::{self, Plan};
+use mahavishnu::task::lifecycle::{self, Transition, TransitionError};
+use mahavishnu::task::Status;
+use mahavishnu::topology::ExecRequest;
+use serde_json::{json, Value};
+use sha2::Digest as _;
+use sqlx::types::Json;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// How the request is settled once the verdict is committed.
+#[derive(Debug)]
+enum Settle {
+    Ack,
+    Term,
+    Nak(Duration),
+}
+
+/// How an attempt ended.
+#[derive(Debug)]
+enum Verdict {
+    Completed,
+    Cancelled,
+    /// This worker is stopping: back to the queue at once, no attempt counted against the task.
+    Interrupted,
+    /// May succeed later.
+    Transient(ErrorCode, String),
+    /// Will not succeed as it is.
+    Permanent(ErrorCode, String),
+}
+
+/// Handles one execution request and settles it.
+pub async fn handle(ctx: Arc<Ctx>, msg: jetstream::Message, stop: CancellationToken) {
+    let msg = Arc::new(msg);
+    let settle = match serde_json::from_slice::<ExecRequest>(&msg.payload) {
+        Err(e) => dead_letter_request(&ctx, &msg, format!("not an execution request: {e}")).await,
+        Ok(req) => match attempt(&ctx, &msg, req.task_id, &stop).await {
+            Ok(s) => s,
+            Err(e) => {
+                let deliveries = msg.info().map(|i| i.delivered).unwrap_or(1);
+                tracing::warn!(error = %e, task.id = %req.task_id, "execution step failed; the request is redelivered");
+                Settle::Nak(crate::ingest::nak_delay(&ctx.settings.worker, deliveries))
+            }
+        },
+    };
+    let label = match &settle {
+        Settle::Ack => "acked",
+        Settle::Term => "terminated",
+        Settle::Nak(_) => "nacked",
+    };
+    ctx.metrics
+        .exec_requests_total
+        .with_label_values(&[label])
+        .inc();
+    let r = match settle {
+        Settle::Ack => msg.ack_with(AckKind::Ack).await,
+        Settle::Term => msg.ack_with(AckKind::Term).await,
+        Settle::Nak(d) => msg.ack_with(AckKind::Nak(Some(d))).await,
+    };
+    if let Err(e) = r {
+        // Harmless: the redelivery finds the verdict in the database.
+        tracing::warn!(error = %e, "settling an execution request failed");
+    }
+}
+
+/// The lock key of a task's execution.
+fn task_lock_key(id: Uuid) -> i64 {
+    lock_key(&format!("mhv:task:{id}"))
+}
+
+/// The lock key of slot `slot` of a repository's fleet-wide limit.
+fn slot_lock_key(repository: &str, slot: u32) -> i64 {
+    lock_key(&format!("mhv:repo:{repository}:{slot}"))
+}
+
+fn lock_key(name: &str) -> i64 {
+    let d = sha2::Sha256::digest(name.as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    i64::from_be_bytes(b)
+}
+
+async fn try_lock(conn: &mut sqlx::PgConnection, key: i64) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+        .bind(key)
+        .fetch_one(conn)
+        .await
+}
+
+async fn attempt(
+    ctx: &Arc<Ctx>,
+    msg: &Arc<jetstream::Message>,
+    id: Uuid,
+    stop: &CancellationToken,
+) -> Result<Settle, sqlx::Error> {
+    let exec = &ctx.settings.execution;
+    // 1. Look.
+    let row: Option<(String, String, Json<Value>)> =
+        sqlx::query_as("SELECT status, repository, metadata FROM tasks WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&ctx.pool)
+            .await?;
+    let Some((status, repository, metadata)) = row else {
+        tracing::warn!(task.id = %id, "execution request for a task that does not exist; dropped");
+        return Ok(Settle::Term);
+    };
+    if !matches!(
+        Status::parse(&status),
+        Some(Status::Queued | Status::Running)
+    ) {
+        return Ok(Settle::Ack);
+    }
+    let plan = registry::resolve(
+        &ctx.settings.repositories,
+        &repository,
+        registry::requested_action(&metadata.0),
+    );
+    let plan = match plan {
+        Ok(Some(p)) => Ok(p),
+        // The registry changed since the task was accepted and it now runs nothing: it stays
+        // queued as a record.
+        Ok(None) => return Ok(Settle::Ack),
+        Err(e) => Err(e),
+    };
+
+    // 2. Lock, for the whole attempt.
+    let mut lock = ctx.pool.begin().await?;
+    sqlx::query("SET LOCAL idle_in_transaction_session_timeout = 0")
+        .execute(&mut *lock)
+        .await?;
+    if !try_lock(&mut lock, task_lock_key(id)).await? {
+        // Its owner is alive (maybe paused): look again after an ack wait.
+        return Ok(Settle::Nak(Duration::from_secs(exec.ack_wait_secs)));
+    }
+    if let Ok(p) = &plan {
+        if p.repo.max_concurrent > 0 {
+            let mut got = false;
+            for slot in 0..p.repo.max_concurrent {
+                if try_lock(&mut lock, slot_lock_key(p.repository, slot)).await? {
+                    got = true;
+                    break;
+                }
+            }
+            if !got {
+                let wait = Duration::from_millis(exec.slot_wait_ms);
+                return Ok(Settle::Nak(wait + jitter(wait / 2)));
+            }
+        }
+    }
+    // Under the lock, the status is settled: only we can start or finish it now.
+    let status: Option<String> = sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&mut *lock)
+        .await?;
+    match status.as_deref().and_then(Status::parse) {
+        Some(Status::Queued) => {}
+        Some(Status::Running) => take_over(ctx, id, plan.as_ref().ok()).await?,
+        _ => return Ok(Settle::Ack),
+    }
+
+    // 4. Start. Registered for cancel broadcasts before the task can be running.
+    let cancel = stop.child_token();
+    let _registered = ctx.running.register(id, cancel.clone());
+    let worker = ctx.worker_id.as_str();
+    let actor = format!("worker:{worker}");
+    let attempt_no: i32 = sqlx::query_scalar(
+        "SELECT coalesce(max(attempt), 0) + 1 FROM task_runs WHERE task_id = $1",
+    )
+    .bind(id)
+    .fetch_one(&ctx.pool)
+    .await?;
+    let action_name = plan.as_ref().map(|p| p.action_name).unwrap_or("-");
+    {
+        let mut tx = ctx.pool.begin().await?;
+        match lifecycle::apply(
+            &mut tx,
+            id,
+            Transition::Start,
+            &actor,
+            json!({"attempt": attempt_no, "action": action_name, "worker": worker}),
+        )
+        .await
+        {
+            Ok(_) => {}
+            Err(TransitionError::Db(e)) => return Err(e),
+            // Cancelled (or finished) in the meantime: nothing to run.
+            Err(_) => return Ok(Settle::Ack),
+        }
+        sqlx::query(
+            "INSERT INTO task_runs (task_id, attempt, worker_id, action) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(id)
+        .bind(attempt_no)
+        .bind(worker)
+        .bind(action_name)
+        .execute(&mut *tx)
+        .await?;
+        saga(
+            &mut tx,
+            id,
+            attempt_no,
+            "attempt",
+            "started",
+            worker,
+            json!({"action": action_name}),
+        )
+        .await?;
+        tx.commit().await?;
+    }
+    ctx.metrics.exec_running.inc();
+    let heartbeat = heartbeat(ctx, Arc::clone(msg), id, cancel.clone());
+    let (verdict, record) = match &plan {
+        Err(e) => (
+            Verdict::Permanent(e.code, e.message.clone()),
+            RunRecord::default(),
+        ),
+        Ok(p) => {
+            let used = attempts_used(&ctx.pool, id).await?;
+            if used > i64::from(p.action.max_attempts) {
+                (
+                    Verdict::Permanent(
+                        ErrorCode::ActionFailed,
+                        format!("{} attempts used up (worker crashes count)", used - 1),
+                    ),
+                    RunRecord::default(),
+                )
+            } else {
+                execute(ctx, id, attempt_no, p, &cancel, stop).await?
+            }
+        }
+    };
+    heartbeat.abort();
+    ctx.metrics.exec_running.dec();
+
+    // 5. Verdict, in the lock transaction: it commits only if our session (and so our lock)
+    // survived the attempt.
+    let max_attempts = plan.as_ref().map(|p| p.action.max_attempts).unwrap_or(1);
+    let used = attempts_used(&mut *lock, id).await?;
+    let verdict = match verdict {
+        Verdict::Transient(code, why) if used >= i64::from(max_attempts) => Verdict::Permanent(
+            code,
+            format!("{why} (attempt {used} of {max_attempts}; no attempts left)"),
+        ),
+        v => v,
+    };
+    let state = match &verdict {
+        Verdict::Completed => "succeeded",
+        Verdict::Cancelled => "cancelled",
+        Verdict::Interrupted => "interrupted",
+        Verdict::Transient(ErrorCode::ActionTimedOut, _)
+        | Verdict::Permanent(ErrorCode::ActionTimedOut, _) => "timed_out",
+        Verdict::Permanent(ErrorCode::QualityGateFailed, _) => "gate_failed",
+        Verdict::Transient(..) | Verdict::Permanent(..) => "failed",
+    };
+    let (code, why) = match &verdict {
+        Verdict::Transient(c, w) | Verdict::Permanent(c, w) => (Some(c.as_str()), Some(w.as_str())),
+        _ => (None, None),
+    };
+    sqlx::query(
+        "UPDATE task_runs SET state = $3, exit_code = $4, signal = $5, duration_ms = $6,
+                stdout_tail = $7, stderr_tail = $8, stdout_bytes = $9, stderr_bytes = $10,
+                error_code = $11, error = $12, finished_at = now()
+         WHERE task_id = $1 AND attempt = $2",
+    )
+    .bind(id)
+    .bind(attempt_no)
+    .bind(state)
+    .bind(record.exit_code)
+    .bind(record.signal)
+    .bind(record.duration_ms)
+    .bind(&record.stdout_tail)
+    .bind(&record.stderr_tail)
+    .bind(record.stdout_bytes)
+    .bind(record.stderr_bytes)
+    .bind(code)
+    .bind(why)
+    .execute(&mut *lock)
+    .await?;
+    let done = if matches!(verdict, Verdict::Completed) {
+        "succeeded"
+    } else {
+        "failed"
+    };
+    saga(
+        &mut lock,
+        id,
+        attempt_no,
+        "attempt",
+        done,
+        worker,
+        json!({"state": state, "error_code": code}),
+    )
+    .await?;
+    let m = &ctx.metrics;
+    let settle = match verdict {
+        Verdict::Completed => {
+            transition(
+                &mut lock,
+                id,
+                Transition::Complete,
+                &actor,
+                json!({"attempt": attempt_no, "duration_ms": record.duration_ms}),
+            )
+            .await?;
+            Settle::Ack
+        }
+        Verdict::Cancelled => Settle::Ack,
+        Verdict::Interrupted => {
+            transition(
+                &mut lock,
+                id,
+                Transition::Requeue,
+                &actor,
+                json!({"attempt": attempt_no, "reason": "worker stopping"}),
+            )
+            .await?;
+            Settle::Nak(Duration::from_millis(100))
+        }
+        Verdict::Transient(code, why) => {
+            let delay = ctx
+                .settings
+                .execution
+                .retry_delay(u32::try_from(used + 1).unwrap_or(u32::MAX));
+            transition(
+                &mut lock,
+                id,
+                Transition::Requeue,
+                &actor,
+                json!({"attempt": attempt_no, "error_code": code.as_str(), "reason": why, "retry_in_ms": delay.as_millis() as u64}),
+            )
+            .await?;
+            Settle::Nak(delay)
+        }
+        Verdict::Permanent(code, why) => {
+            let failed = transition(
+                &mut lock,
+                id,
+                Transition::Fail,
+                &actor,
+                json!({"attempt": attempt_no, "error_code": code.as_str(), "reason": why}),
+            )
+            .await?;
+            if failed {
+                dead_letter_task(&mut lock, msg, id, attempt_no, code, &why, &record).await?;
+            }
+            Settle::Term
+        }
+    };
+    lock.commit().await?;
+    m.exec_attempts_total.with_label_values(&[state]).inc();
+    tracing::info!(task.id = %id, attempt = attempt_no, state, "attempt finished");
+    Ok(settle)
+}
+
+/// Applies a transition; a task cancelled meanwhile keeps its status (false).
+async fn transition(
+    conn: &mut sqlx::PgConnection,
+    id: Uuid,
+    t: Transition,
+    actor: &str,
+    details: Value,
+) -> Result<bool, sqlx::Error> {
+    match lifecycle::apply(conn, id, t, actor, details).await {
+        Ok(_) => Ok(true),
+        Err(TransitionError::Db(e)) => Err(e),
+        Err(e) => {
+            tracing::info!(task.id = %id, reason = %e, "verdict not applied to the status");
+            Ok(false)
+        }
+    }
+}
+
+/// Attempts since the task was last retried by an operator (each retry brings a fresh budget).
+async fn attempts_used<'c, E>(conn: E, id: Uuid) -> Result<i64, sqlx::Error>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Postgres>,
+{
+    sqlx::query_scalar(
+        "SELECT count(*) FROM task_runs
+         WHERE task_id = $1 AND state <> 'interrupted' AND started_at >= coalesce(
+             (SELECT max(created_at) FROM task_audit_log WHERE task_id = $1 AND event = 'task_retried'),
+             '-infinity')",
+    )
+    .bind(id)
+    .fetch_one(conn)
+    .await
+}
+
+/// The in-flight attempt of a task whose worker died: remove its worktree, mark it abandoned,
+/// record the takeover, and queue the task again.
+async fn take_over(ctx: &Ctx, id: Uuid, plan: Option<&Plan<'_>>) -> Result<(), sqlx::Error> {
+    let stale: Option<(i32, String, Option<String>)> = sqlx::query_as(
+        "SELECT attempt, worker_id, worktree FROM task_runs WHERE task_id = $1 AND state = 'running'",
+    )
+    .bind(id)
+    .fetch_optional(&ctx.pool)
+    .await?;
+    let worker = ctx.worker_id.as_str();
+    // The dead worker's command may still run (its group is not the worker's): on this host,
+    // kill it, once its environment shows it is that attempt's.
+    let mut killed = Value::Null;
+    if let Some((attempt, _, _)) = &stale {
+        let started: Option<Json<Value>> = sqlx::query_scalar(
+            "SELECT details FROM saga_log WHERE task_id = $1 AND attempt = $2 AND step = 'command'
+             AND state = 'started' ORDER BY id DESC LIMIT 1",
+        )
+        .bind(id)
+        .bind(attempt)
+        .fetch_optional(&ctx.pool)
+        .await?;
+        if let Some(Json(d)) = started {
+            let pgid = d["pgid"].as_i64().and_then(|p| i32::try_from(p).ok());
+            if let (Some(pgid), true) = (pgid, d["host"].as_str() == Some(host().as_str())) {
+                let (task, att) = (id.to_string(), attempt.to_string());
+                let ours =
+                    process::group_has_env(pgid, &[("MHV_TASK_ID", &task), ("MHV_ATTEMPT", &att)]);
+                if ours && process::group_alive(pgid) {
+                    process::signal_group(pgid, libc::SIGKILL);
+                    killed = json!(pgid);
+                }
+            }
+        }
+    }
+    let mut removed = Value::Null;
+    if let (Some((_, _, Some(path))), Some(p)) = (&stale, plan) {
+        removed = match worktree::remove(Path::new(&p.repo.path), Path::new(path)).await {
+            Ok(()) => json!(true),
+            Err(e) => json!(format!("{e}")),
+        };
+    }
+    let mut tx = ctx.pool.begin().await?;
+    let (attempt, previous) = match &stale {
+        Some((a, w, _)) => (*a, w.as_str()),
+        None => (1, ""),
+    };
+    if stale.is_some() {
+        sqlx::query(
+            "UPDATE task_runs SET state = 'abandoned', finished_at = now(),
+                    error = 'its worker stopped during the attempt; taken over by ' || $3
+             WHERE task_id = $1 AND attempt = $2 AND state = 'running'",
+        )
+        .bind(id)
+        .bind(attempt)
+        .bind(worker)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let details = json!({"previous_worker": previous, "stale_worktree": stale.as_ref().and_then(|s| s.2.clone()),
+                         "worktree_removed": removed, "killed_process_group": killed});
+    saga(
+        &mut tx,
+        id,
+        attempt,
+        "takeover",
+        "compensated",
+        worker,
+        details.clone(),
+    )
+    .await?;
+    let mut d = details;
+    d["reason"] = json!("takeover");
+    d["attempt"] = json!(attempt);
+    transition(
+        &mut tx,
+        id,
+        Transition::Requeue,
+        &format!("worker:{worker}"),
+        d,
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::warn!(task.id = %id, previous_worker = previous, attempt, "took over a task whose worker died");
+    ctx.metrics.exec_takeovers_total.inc();
+    Ok(())
+}
+
+/// What is recorded of an attempt's command.
+#[derive(Debug, Default)]
+struct RunRecord {
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    duration_ms: Option<i64>,
+    stdout_tail: Option<String>,
+    stderr_tail: Option<String>,
+    stdout_bytes: Option<i64>,
+    stderr_bytes: Option<i64>,
+}
+
+impl RunRecord {
+    fn of(o: &process::Outcome) -> Self {
+        // PostgreSQL text cannot hold NUL.
+        let clean = |s: &str| s.replace('\0', "\u{FFFD}");
+        Self {
+            exit_code: match o.exit {
+                process::Exit::Code(c) => Some(c),
+                _ => None,
+            },
+            signal: match o.exit {
+                process::Exit::Signal(s) => Some(s),
+                _ => None,
+            },
+            duration_ms: i64::try_from(o.duration.as_millis()).ok(),
+            stdout_tail: Some(clean(&o.stdout_tail)),
+            stderr_tail: Some(clean(&o.stderr_tail)),
+            stdout_bytes: i64::try_from(o.stdout_bytes).ok(),
+            stderr_bytes: i64::try_from(o.stderr_bytes).ok(),
+        }
+    }
+}
+
+/// Worktree, command, gates, cleanup. Database errors abort (the request is redelivered and
+/// the attempt taken over); everything else is a verdict.
+async fn execute(
+    ctx: &Ctx,
+    id: Uuid,
+    attempt: i32,
+    plan: &Plan<'_>,
+    cancel: &CancellationToken,
+    stop: &CancellationToken,
+) -> Result<(Verdict, RunRecord), sqlx::Error> {
+    let exec = &ctx.settings.execution;
+    let worker = ctx.worker_id.as_str();
+    let actor = format!("worker:{worker}");
+    let repo_path = PathBuf::from(&plan.repo.path);
+    let root = Path::new(&exec.worktree_root).join(plan.repository);
+    let Some(path) = worktree::path_for(&root, &format!("{id}-{attempt}")) else {
+        return Ok((
+            Verdict::Permanent(
+                ErrorCode::WorktreeCreationFailed,
+                "bad worktree name".into(),
+            ),
+            RunRecord::default(),
+        ));
+    };
+    let path_text = path.to_string_lossy().into_owned();
+    {
+        // Recorded before it exists, so a takeover can clean up a half-made one.
+        let mut tx = ctx.pool.begin().await?;
+        sqlx::query("UPDATE task_runs SET worktree = $3 WHERE task_id = $1 AND attempt = $2")
+            .bind(id)
+            .bind(attempt)
+            .bind(&path_text)
+            .execute(&mut *tx)
+            .await?;
+        saga(
+            &mut tx,
+            id,
+            attempt,
+            "worktree",
+            "started",
+            worker,
+            json!({"path": path_text}),
+        )
+        .await?;
+        tx.commit().await?;
+    }
+    let created = match tokio::fs::create_dir_all(&root).await {
+        Err(e) => Err(format!("cannot create {}: {e}", root.display())),
+        Ok(()) => {
+            let _guard = ctx.worktree_lock(&plan.repo.path).await;
+            worktree::create(&repo_path, &path, &plan.repo.default_branch)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    };
+    if let Err(why) = created {
+        step(
+            ctx,
+            id,
+            attempt,
+            "worktree",
+            "failed",
+            json!({"path": path_text, "error": why}),
+        )
+        .await?;
+        return Ok((
+            Verdict::Transient(ErrorCode::WorktreeCreationFailed, why),
+            RunRecord::default(),
+        ));
+    }
+    step(
+        ctx,
+        id,
+        attempt,
+        "worktree",
+        "succeeded",
+        json!({"path": path_text}),
+    )
+    .await?;
+    audit(
+        ctx,
+        id,
+        "worktree_created",
+        &actor,
+        json!({"attempt": attempt, "path": path_text}),
+    )
+    .await?;
+
+    let env_set = vec![
+        ("MHV_TASK_ID".to_owned(), id.to_string()),
+        ("MHV_ATTEMPT".to_owned(), attempt.to_string()),
+        ("MHV_REPOSITORY".to_owned(), plan.repository.to_owned()),
+        ("MHV_ACTION".to_owned(), plan.action_name.to_owned()),
+    ];
+    let spec = |argv: &[String], timeout_secs: u64, env: &[String]| process::Spec {
+        argv: argv.to_vec(),
+        cwd: path.clone(),
+        env_allow: env.to_vec(),
+        env_set: env_set.clone(),
+        timeout: Duration::from_secs(timeout_secs),
+        output_cap: exec.output_tail_bytes,
+        secrets: secrets_of(env),
+        kill_grace: Duration::from_millis(exec.kill_grace_ms),
+    };
+    let a = plan.action;
+    let (spawned, pgid) = tokio::sync::oneshot::channel();
+    let action_spec = spec(&a.argv, a.timeout_secs, &a.env);
+    let command = process::run_notify(&action_spec, cancel, Some(spawned));
+    // The group id goes into the saga as soon as the command runs: a takeover on this host
+    // kills the group if this worker dies.
+    let record_start = async {
+        let pgid = pgid.await.ok();
+        step(
+            ctx,
+            id,
+            attempt,
+            "command",
+            "started",
+            json!({"action": plan.action_name, "pgid": pgid, "host": host()}),
+        )
+        .await
+    };
+    let (ran, recorded) = tokio::join!(command, record_start);
+    recorded?;
+    let (mut verdict, record) = match ran {
+        Err(e) => (
+            Verdict::Transient(ErrorCode::ActionFailed, format!("{e}")),
+            RunRecord::default(),
+        ),
+        Ok(o) => {
+            let v = match &o.exit {
+                process::Exit::Code(0) => Verdict::Completed,
+                process::Exit::Code(c) if a.retryable_exit_codes.contains(c) => Verdict::Transient(
+                    ErrorCode::ActionFailed,
+                    format!("{} exited with {c} (retryable)", plan.action_name),
+                ),
+                process::Exit::Code(c) => Verdict::Permanent(
+                    ErrorCode::ActionFailed,
+                    format!("{} exited with {c}", plan.action_name),
+                ),
+                process::Exit::Signal(s) => Verdict::Transient(
+                    ErrorCode::ActionFailed,
+                    format!("{} was killed by signal {s}", plan.action_name),
+                ),
+                process::Exit::TimedOut => Verdict::Transient(
+                    ErrorCode::ActionTimedOut,
+                    format!(
+                        "{} ran past its {} s timeout; its process group was killed",
+                        plan.action_name, a.timeout_secs
+                    ),
+                ),
+                process::Exit::Cancelled if stop.is_cancelled() => Verdict::Interrupted,
+                process::Exit::Cancelled => Verdict::Cancelled,
+            };
+            (v, RunRecord::of(&o))
+        }
+    };
+    let ok = matches!(verdict, Verdict::Completed);
+    step(
+        ctx,
+        id,
+        attempt,
+        "command",
+        if ok { "succeeded" } else { "failed" },
+        json!({"exit_code": record.exit_code, "signal": record.signal, "duration_ms": record.duration_ms}),
+    )
+    .await?;
+
+    if ok {
+        for (name, gate) in plan.gates() {
+            let g = process::run(&spec(&gate.argv, gate.timeout_secs, &gate.env), cancel).await;
+            let (passed, detail) = match &g {
+                Err(e) => (false, json!({"gate": name, "error": e.to_string()})),
+                Ok(o) => (
+                    o.succeeded(),
+                    json!({"gate": name, "exit": format!("{:?}", o.exit), "duration_ms": o.duration.as_millis() as u64,
+                           "stderr_tail": tail(&o.stderr_tail, 2_000).replace('\0', "\u{FFFD}")}),
+                ),
+            };
+            let event = if passed {
+                "quality_gate_passed"
+            } else {
+                "quality_gate_failed"
+            };
+            let mut d = detail.clone();
+            d["attempt"] = json!(attempt);
+            audit(ctx, id, event, &actor, d).await?;
+            step(
+                ctx,
+                id,
+                attempt,
+                &format!("gate:{name}"),
+                if passed { "succeeded" } else { "failed" },
+                detail,
+            )
+            .await?;
+            if !passed {
+                verdict = match g {
+                    Ok(o) if o.exit == process::Exit::Cancelled && stop.is_cancelled() => {
+                        Verdict::Interrupted
+                    }
+                    Ok(o) if o.exit == process::Exit::Cancelled => Verdict::Cancelled,
+                    _ => Verdict::Permanent(
+                        ErrorCode::QualityGateFailed,
+                        format!("quality gate {name} failed"),
+                    ),
+                };
+                break;
+            }
+        }
+    }
+
+    // Removed after failures too. A failed removal is recorded; the next attempt (or a
+    // takeover) replaces the directory.
+    let removed = {
+        let _guard = ctx.worktree_lock(&plan.repo.path).await;
+        worktree::remove(&repo_path, &path).await
+    };
+    match removed {
+        Ok(()) => {
+            audit(
+                ctx,
+                id,
+                "worktree_removed",
+                &actor,
+                json!({"attempt": attempt, "path": path_text}),
+            )
+            .await?;
+            step(
+                ctx,
+                id,
+                attempt,
+                "cleanup",
+                "succeeded",
+                json!({"path": path_text}),
+            )
+            .await?;
+        }
+        Err(e) => {
+            tracing::warn!(task.id = %id, error = %e, "worktree removal failed");
+            step(
+                ctx,
+                id,
+                attempt,
+                "cleanup",
+                "failed",
+                json!({"path": path_text, "error": e.to_string()}),
+            )
+            .await?;
+        }
+    }
+    Ok((verdict, record))
+}
+
+/// This machine's name (saga details; a takeover kills a dead worker's process group only on
+/// the same host).
+fn host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn tail(s: &str, n: usize) -> &str {
+    let mut start = s.len().saturating_sub(n);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+/// Values of passed-through variables whose names look secret, to redact from output.
+fn secrets_of(env: &[String]) -> Vec<String> {
+    env.iter()
+        .filter(|name| crate::audit::is_secret_like(name))
+        .filter_map(|name| std::env::var(name).ok())
+        .filter(|v| v.len() >= 4)
+        .collect()
+}
+
+async fn saga(
+    conn: &mut sqlx::PgConnection,
+    id: Uuid,
+    attempt: i32,
+    step: &str,
+    state: &str,
+    worker: &str,
+    details: Value,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO saga_log (task_id, attempt, step, state, worker_id, details) VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(id)
+    .bind(attempt)
+    .bind(step)
+    .bind(state)
+    .bind(worker)
+    .bind(Json(details))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// A saga step, committed at once (a takeover must see it even if this worker dies next).
+async fn step(
+    ctx: &Ctx,
+    id: Uuid,
+    attempt: i32,
+    name: &str,
+    state: &str,
+    details: Value,
+) -> Result<(), sqlx::Error> {
+    let mut conn = ctx.pool.acquire().await?;
+    saga(&mut conn, id, attempt, name, state, &ctx.worker_id, details).await
+}
+
+async fn audit(
+    ctx: &Ctx,
+    id: Uuid,
+    event: &str,
+    actor: &str,
+    details: Value,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO task_audit_log (task_id, event, actor, details) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(id)
+    .bind(event)
+    .bind(actor)
+    .bind(Json(details))
+    .execute(&ctx.pool)
+    .await?;
+    Ok(())
+}
+
+/// In-progress acks every third of the ack wait, and a look at the task's status (a cancel
+/// whose broadcast this worker missed).
+fn heartbeat(
+    ctx: &Arc<Ctx>,
+    msg: Arc<jetstream::Message>,
+    id: Uuid,
+    cancel: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let every = Duration::from_secs(ctx.settings.execution.ack_wait_secs) / 3;
+    let pool = ctx.pool.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            tick.tick().await;
+            let _ = msg.ack_with(AckKind::Progress).await;
+            let status: Result<Option<String>, _> =
+                sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&pool)
+                    .await;
+            if let Ok(Some(s)) = status {
+                if s == Status::Cancelled.as_str() && !cancel.is_cancelled() {
+                    tracing::info!(task.id = %id, "task cancelled (seen on heartbeat); stopping it");
+                    cancel.cancel();
+                }
+            }
+        }
+    })
+}
+
+/// The dead letter of a failed task: the request, the code, the reason and the output tail.
+async fn dead_letter_task(
+    conn: &mut sqlx::PgConnection,
+    msg: &jetstream::Message,
+    id: Uuid,
+    attempt: i32,
+    code: ErrorCode,
+    why: &str,
+    record: &RunRecord,
+) -> Result<(), sqlx::Error> {
+    let info = msg.info().ok();
+    let mut headers = crate::ingest::headers_json(msg.headers.as_ref());
+    if let Value::Object(h) = &mut headers {
+        h.insert(
+            "Mhv-Output-Tail".into(),
+            json!([record
+                .stderr_tail
+                .as_deref()
+                .map(|t| tail(t, 4_000))
+                .unwrap_or_default()]),
+        );
+    }
+    sqlx::query(
+        "INSERT INTO dead_letters (message_key, subject, stream_seq, deliveries, error_code, reason, headers, payload, task_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (message_key, error_code) DO NOTHING",
+    )
+    .bind(format!("exec:{id}:{attempt}"))
+    .bind(msg.subject.as_str())
+    .bind(info.as_ref().map(|i| i64::try_from(i.stream_sequence).unwrap_or(i64::MAX)))
+    .bind(info.as_ref().map(|i| i.delivered))
+    .bind(code.as_str())
+    .bind(why)
+    .bind(Json(headers))
+    .bind(msg.payload.to_vec())
+    .bind(id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// A request that is not one (only a producer bypassing the gateway can send it).
+async fn dead_letter_request(ctx: &Ctx, msg: &jetstream::Message, why: String) -> Settle {
+    let info = msg.info().ok();
+    let seq = info.as_ref().map(|i| i.stream_sequence).unwrap_or(0);
+    let r = sqlx::query(
+        "INSERT INTO dead_letters (message_key, subject, stream_seq, deliveries, error_code, reason, headers, payload)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (message_key, error_code) DO NOTHING",
+    )
+    .bind(format!("exec-seq:{seq}"))
+    .bind(msg.subject.as_str())
+    .bind(i64::try_from(seq).unwrap_or(i64::MAX))
+    .bind(info.as_ref().map(|i| i.delivered))
+    .bind(ErrorCode::Validation.as_str())
+    .bind(why)
+    .bind(Json(crate::ingest::headers_json(msg.headers.as_ref())))
+    .bind(msg.payload.to_vec())
+    .execute(&ctx.pool)
+    .await;
+    match r {
+        Ok(_) => Settle::Term,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot dead-letter a malformed execution request");
+            Settle::Nak(Duration::from_secs(5))
+        }
+    }
+}
+
+/// Up to `max` of random delay, so that waiting requests do not retry in lockstep.
+fn jitter(max: Duration) -> Duration {
+    let r = Uuid::new_v4().as_u128() as u64;
+    let ms = u64::try_from(max.as_millis()).unwrap_or(u64::MAX).max(1);
+    Duration::from_millis(r % ms)
+}
