@@ -595,12 +595,11 @@ impl Settings {
         if c.ack_wait_secs == 0 {
             return err("nats.consumer.ack_wait_secs must be > 0".into());
         }
-        if c.max_deliver != -1 {
-            // JetStream neither removes nor redelivers a message past MaxDeliver, and its
-            // advisory is fire-and-forget: an accepted task would be stranded. Allowed again once
-            // advisories are captured into the dead-letter store.
+        if c.max_deliver != -1 && c.max_deliver < 2 {
+            // Past MaxDeliver JetStream neither removes nor redelivers a message; the workers
+            // capture its advisory into the dead-letter store (workers/src/advisories.rs).
             return err(format!(
-                "nats.consumer.max_deliver is {}; only -1 is supported: a finite limit strands accepted tasks after an outage (workers dead-letter poison themselves)",
+                "nats.consumer.max_deliver is {}; use -1 (never stop) or at least 2",
                 c.max_deliver
             ));
         }
@@ -963,8 +962,10 @@ mod tests {
         s.nats.consumer.backoff_secs = vec![1];
         assert!(s.validate().unwrap_err().0.contains("backoff_secs"));
         let mut s = Settings::default();
-        s.nats.consumer.max_deliver = 5;
+        s.nats.consumer.max_deliver = 1;
         assert!(s.validate().unwrap_err().0.contains("max_deliver"));
+        s.nats.consumer.max_deliver = 5;
+        s.validate().unwrap();
         let mut s = Settings::default();
         s.worker.max_in_flight_batches = 10;
         assert!(s

@@ -45,6 +45,8 @@ pub enum ErrorCode {
     Overloaded,
     /// MHV-014: a stored (claim-checked) webhook body is gone before a worker processed it.
     StoredBodyMissing,
+    /// MHV-015: JetStream stopped delivering a message after `nats.consumer.max_deliver` tries.
+    DeliveryLimitReached,
     /// MHV-100: no task with that id.
     TaskNotFound,
     /// MHV-101: the task could not be created.
@@ -123,6 +125,7 @@ impl ErrorCode {
         Self::Internal,
         Self::Overloaded,
         Self::StoredBodyMissing,
+        Self::DeliveryLimitReached,
         Self::TaskNotFound,
         Self::TaskCreationFailed,
         Self::TaskUpdateFailed,
@@ -179,6 +182,8 @@ impl ErrorCode {
                 "Retry after the number of seconds in `Retry-After`; operators: scale the gateway or raise gateway.max_in_flight_requests."),
             StoredBodyMissing => ("MHV-014", "stored webhook body missing", 500, false,
                 "The claim-checked body expired from the object store before a worker processed it (workers were down longer than webhooks.claim_check_max_age_hours). Ask the sender to redeliver; operators: see runbooks/webhooks.md."),
+            DeliveryLimitReached => ("MHV-015", "delivery limit reached", 500, false,
+                "JetStream stopped delivering the message after nats.consumer.max_deliver tries, each of which failed for a passing reason (often an outage). It was moved to the dead letters: fix the cause, then `mhv dlq replay ID`. See runbooks/nats.md."),
             TaskNotFound => ("MHV-100", "task not found", 404, false,
                 "Check the id. A task accepted a moment ago may still be queued: retry after a short delay."),
             TaskCreationFailed => ("MHV-101", "task creation failed", 500, false,
@@ -356,7 +361,7 @@ mod tests {
         assert_eq!(ErrorCode::RepositoryNotFound.as_str(), "MHV-200");
         assert_eq!(ErrorCode::WebhookSignatureInvalid.as_str(), "MHV-300");
         assert_eq!(ErrorCode::WebhookHeaderInvalid.as_str(), "MHV-306");
-        assert_eq!(ErrorCode::ALL.len(), 36);
+        assert_eq!(ErrorCode::ALL.len(), 37);
         assert!(ErrorCode::BrokerUnavailable.is_transient());
         assert!(!ErrorCode::Validation.is_transient());
     }

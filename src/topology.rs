@@ -112,6 +112,37 @@ pub async fn ensure_exec(
         .with_context(|| format!("creating or updating consumer {}", e.consumer))
 }
 
+/// The stream that captures JetStream's MAX_DELIVERIES advisories for the task stream's
+/// consumer (advisories are fire-and-forget: without a stream capturing them they are lost).
+pub fn advisory_stream_config(n: &NatsSettings) -> stream::Config {
+    stream::Config {
+        name: format!("{}_ADVISORIES", n.stream.name),
+        description: Some("MAX_DELIVERIES advisories of the Mahavishnu task consumer".into()),
+        subjects: vec![format!(
+            "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.{}",
+            n.stream.name, n.consumer.durable_name
+        )],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        num_replicas: n.stream.replicas,
+        max_age: Duration::from_secs(30 * 86_400),
+        ..Default::default()
+    }
+}
+
+/// A MAX_DELIVERIES advisory (the fields Mahavishnu reads).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct MaxDeliveriesAdvisory {
+    /// Stream of the message.
+    pub stream: String,
+    /// Consumer that gave up.
+    pub consumer: String,
+    /// Sequence of the message in the stream.
+    pub stream_seq: u64,
+    /// Deliveries made.
+    pub deliveries: u64,
+}
+
 /// Stream configuration from settings.
 pub fn stream_config(n: &NatsSettings) -> stream::Config {
     stream::Config {

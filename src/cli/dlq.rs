@@ -214,11 +214,10 @@ async fn replay(
         None => stored,
     };
     let mut h = async_nats::HeaderMap::new();
+    let mut has_id = false;
     if let Some(map) = headers.as_object() {
         for (name, values) in map {
-            if name.eq_ignore_ascii_case("Nats-Msg-Id") {
-                continue;
-            }
+            has_id |= name.eq_ignore_ascii_case("Nats-Msg-Id");
             for v in values.as_array().into_iter().flatten() {
                 if let Some(v) = v.as_str() {
                     h.append(name.as_str(), v);
@@ -226,13 +225,24 @@ async fn replay(
             }
         }
     }
-    // Producer messages are keyed by Nats-Msg-Id: the dead letter's id makes a second replay the
-    // same message. Gateway envelopes and webhook deliveries carry their own key.
-    h.insert("Nats-Msg-Id", format!("dlq-{id}").as_str());
-    js.publish_with_headers(subject.clone(), h, body.into())
+    // The message keeps its key, so the task ledger makes at most one task of it however often
+    // it is replayed: a producer's Nats-Msg-Id is kept; a message that had none is keyed by the
+    // dead letter. Gateway envelopes and webhook deliveries carry their key inside.
+    if !has_id {
+        h.insert("Nats-Msg-Id", format!("dlq-{id}").as_str());
+    }
+    let ack = js
+        .publish_with_headers(subject.clone(), h, body.into())
         .await?
         .await
         .context("MHV-007: JetStream did not acknowledge the replayed message")?;
+    if ack.duplicate && replayed.is_some() {
+        println!("dead letter {id} was replayed already and JetStream still holds that replay; nothing done");
+        return Ok(());
+    }
+    if ack.duplicate {
+        anyhow::bail!("MHV-007: JetStream still remembers this message id (nats.stream.duplicate_window_secs) and dropped the replay; run the same command again after the window");
+    }
     sqlx::query("UPDATE dead_letters SET replayed_at = now() WHERE id = $1")
         .bind(id)
         .execute(pool)

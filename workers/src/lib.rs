@@ -9,6 +9,7 @@
 //! (after a crash, an expired ack wait or a lost ack) finds its key taken and is acked as a
 //! duplicate.
 
+pub mod advisories;
 pub mod audit;
 pub mod exec;
 pub mod ingest;
@@ -113,6 +114,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
 
     let reads = tokio::spawn(reads::serve(ctx.clone(), shutdown.clone()));
     let pruner = tokio::spawn(webhooks::prune(ctx.clone(), shutdown.clone()));
+    let advisories = tokio::spawn(advisories::capture(ctx.clone(), shutdown.clone()));
     let executor = tokio::spawn(exec::consume(ctx.clone(), shutdown.clone()));
     let consumed = ingest::consume(ctx.clone(), js, shutdown.clone()).await;
     shutdown.cancel();
@@ -122,6 +124,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         Ok(Ok(())) => {}
     }
     let _ = pruner.await;
+    let _ = advisories.await;
     if let Ok(Err(e)) = reads.await {
         tracing::warn!(error = %format!("{e:#}"), "read service ended with an error");
     }
