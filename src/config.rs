@@ -725,14 +725,6 @@ impl Settings {
             }
         }
         crate::registry::validate(&self.execution, &self.repositories).map_err(ConfigError)?;
-        let executes = self.repositories.values().any(|r| r.executable());
-        let needed = self.execution.max_concurrent + self.worker.max_in_flight_batches;
-        if executes && (self.database.max_connections as usize) <= needed {
-            return err(format!(
-                "database.max_connections ({}) must exceed execution.max_concurrent + worker.max_in_flight_batches ({needed}): each running task holds a connection for its lock",
-                self.database.max_connections
-            ));
-        }
         self.validate_webhooks()
     }
 

@@ -52,6 +52,24 @@ pub fn pool(s: &DatabaseSettings) -> anyhow::Result<PgPool> {
         .connect_lazy_with(connect_options(s)?))
 }
 
+/// The executors' lock pool: one connection per task a worker may run at once (plus one
+/// spare), each holding a task's advisory locks in an open transaction for a whole attempt.
+/// Idle-in-transaction is allowed (the attempt may run for hours), and TCP keepalives let the
+/// server notice a lost worker host within about a minute, which frees its locks.
+pub fn lock_pool(s: &DatabaseSettings, slots: usize) -> anyhow::Result<PgPool> {
+    let options = connect_options(s)?.options([
+        ("idle_in_transaction_session_timeout", "0".to_owned()),
+        ("tcp_keepalives_idle", "15".to_owned()),
+        ("tcp_keepalives_interval", "5".to_owned()),
+        ("tcp_keepalives_count", "4".to_owned()),
+        ("tcp_user_timeout", "35000".to_owned()),
+    ]);
+    Ok(PgPoolOptions::new()
+        .max_connections(u32::try_from(slots + 1).unwrap_or(u32::MAX))
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_lazy_with(options))
+}
+
 /// Creates the database named in the URL if it does not exist.
 pub async fn ensure_database(s: &DatabaseSettings) -> anyhow::Result<()> {
     let url = s.url.expose_secret();

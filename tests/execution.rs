@@ -984,3 +984,62 @@ async fn tasks_naming_what_the_registry_lacks_are_refused_with_their_codes() {
     assert_eq!(stack.count("SELECT count(*) FROM tasks").await, 1);
     assert_eq!(stack.count("SELECT count(*) FROM task_runs").await, 0);
 }
+
+#[tokio::test]
+async fn cancelling_a_task_whose_worker_died_cleans_up_its_orphaned_command_and_worktree() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = make_repo(tmp.path());
+    let wt = tmp.path().join("worktrees");
+    let mut stack = TestStack::start(
+        |s| {
+            configure(
+                s,
+                &repo,
+                &wt,
+                one(vec![("long", sh("sleep 300", 600, 3, &[]))]),
+            )
+        },
+        0,
+    )
+    .await;
+    let mut a = stack.spawn_worker_process();
+    let id = submit(&stack, "app", "long").await;
+    let pgid = wait_command_started(&stack, id, 1).await;
+    let stale = runs(&stack, id).await[0].worktree.clone().unwrap();
+    a.kill().unwrap();
+    a.wait().unwrap();
+    stack.spawn_worker();
+    // Answered by a worker: 503 MHV-008 until the new one serves requests.
+    let start = Instant::now();
+    loop {
+        let r = stack
+            .http
+            .post(format!("{}/v1/tasks/{id}/cancel", stack.base()))
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert_eq!(r.status(), 503);
+        assert!(start.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Nobody runs it, so nobody heard the broadcast; the redelivered request cleans up.
+    let start = Instant::now();
+    while runs(&stack, id).await[0].state == "running" {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "orphaned attempt never cleaned up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = runs(&stack, id).await;
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].state, "abandoned");
+    assert!(!mahavishnu_workers::exec::process::group_alive(pgid));
+    assert!(!Path::new(&stale).exists());
+    assert_eq!(status(&stack, id).await.as_deref(), Some("cancelled"));
+    wait_exec_drained(&stack).await;
+}

@@ -32,6 +32,8 @@ pub struct Ctx {
     pub settings: Settings,
     /// PostgreSQL pool.
     pub pool: sqlx::PgPool,
+    /// Connections that hold running tasks' locks (see [`mahavishnu::db::lock_pool`]).
+    pub lock_pool: sqlx::PgPool,
     /// NATS client.
     pub nats: async_nats::Client,
     /// JetStream context.
@@ -91,6 +93,7 @@ impl std::fmt::Debug for LazyBodies {
 /// Runs a worker until `shutdown` is cancelled.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let pool = db::pool(&settings.database)?;
+    let lock_pool = db::lock_pool(&settings.database, settings.execution.max_concurrent)?;
     let nats = topology::connect(&settings.nats.url, "mhv-worker").await?;
     let js = async_nats::jetstream::new(nats.clone());
     let ctx = Arc::new(Ctx {
@@ -98,6 +101,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         limits: Limits::default(),
         settings,
         pool,
+        lock_pool,
         nats,
         js: js.clone(),
         webhook_bodies: LazyBodies::default(),
@@ -134,6 +138,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         let _ = m.await;
     }
     ctx.pool.close().await;
+    ctx.lock_pool.close().await;
     tracing::info!("worker stopped");
     consumed
 }

@@ -89,7 +89,9 @@ pub async fn consume(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::Resu
         tracing::info!("no repository is set up for execution; not consuming execution requests");
         return Ok(());
     }
-    let listener = tokio::spawn(listen_for_cancels(ctx.clone(), shutdown.clone()));
+    // Cancellations are heard until the last running task has ended, not only until shutdown.
+    let listening = CancellationToken::new();
+    let listener = tokio::spawn(listen_for_cancels(ctx.clone(), listening.clone()));
     let permits = Arc::new(Semaphore::new(ctx.settings.execution.max_concurrent));
     let stop = CancellationToken::new();
     let mut runs = JoinSet::new();
@@ -176,7 +178,8 @@ pub async fn consume(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::Resu
         stop.cancel();
         while runs.join_next().await.is_some() {}
     }
-    listener.abort();
+    listening.cancel();
+    let _ = listener.await;
     Ok(())
 }
 

@@ -168,8 +168,10 @@ pub async fn run_notify(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let duration = started.elapsed();
-    let (stdout_tail, stdout_bytes) = out.await.unwrap_or_default();
-    let (stderr_tail, stderr_bytes) = err.await.unwrap_or_default();
+    // A process that left the group (setsid, a daemon) may still hold the pipes: give the
+    // readers a moment, then stop waiting for them.
+    let (stdout_tail, stdout_bytes) = drain(out).await;
+    let (stderr_tail, stderr_bytes) = drain(err).await;
     Ok(Outcome {
         exit,
         duration,
@@ -179,6 +181,21 @@ pub async fn run_notify(
         stderr_bytes,
         pgid,
     })
+}
+
+/// The reader's result, or what it has nothing of if the pipe stays open past a grace period.
+async fn drain(reader: tokio::task::JoinHandle<(String, u64)>) -> (String, u64) {
+    let abort = reader.abort_handle();
+    match tokio::time::timeout(Duration::from_secs(2), reader).await {
+        Ok(r) => r.unwrap_or_default(),
+        Err(_) => {
+            abort.abort();
+            (
+                "[output not captured: a process outside the group kept the pipe open]".into(),
+                0,
+            )
+        }
+    }
 }
 
 /// Reads a pipe to its end, keeping the last `cap` bytes.

@@ -128,13 +128,21 @@ async fn attempt(
             .fetch_optional(&ctx.pool)
             .await?;
     let Some((status, repository, metadata)) = row else {
-        tracing::warn!(task.id = %id, "execution request for a task that does not exist; dropped");
-        return Ok(Settle::Term);
+        return Ok(dead_letter_request(ctx, msg, format!("no task {id} (deleted?)")).await);
     };
-    if !matches!(
-        Status::parse(&status),
-        Some(Status::Queued | Status::Running)
-    ) {
+    let status = Status::parse(&status);
+    // A cancelled task whose worker died mid-run still has its attempt (and maybe its
+    // command) to clean up.
+    let orphaned = status == Some(Status::Cancelled) && {
+        let running: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM task_runs WHERE task_id = $1 AND state = 'running')",
+        )
+        .bind(id)
+        .fetch_one(&ctx.pool)
+        .await?;
+        running
+    };
+    if !orphaned && !matches!(status, Some(Status::Queued | Status::Running)) {
         return Ok(Settle::Ack);
     }
     let plan = registry::resolve(
@@ -150,14 +158,20 @@ async fn attempt(
         Err(e) => Err(e),
     };
 
-    // 2. Lock, for the whole attempt.
-    let mut lock = ctx.pool.begin().await?;
+    // 2. Lock, for the whole attempt, on a connection of the lock pool (one per slot of this
+    // worker, with TCP keepalives: a lost host's locks are freed within about a minute).
+    let mut lock = ctx.lock_pool.begin().await?;
     sqlx::query("SET LOCAL idle_in_transaction_session_timeout = 0")
         .execute(&mut *lock)
         .await?;
     if !try_lock(&mut lock, task_lock_key(id)).await? {
         // Its owner is alive (maybe paused): look again after an ack wait.
         return Ok(Settle::Nak(Duration::from_secs(exec.ack_wait_secs)));
+    }
+    if orphaned {
+        // Its owner is dead (we hold its lock): clean up, keep the task cancelled.
+        take_over(ctx, id, plan.as_ref().ok(), false).await?;
+        return Ok(Settle::Ack);
     }
     if let Ok(p) = &plan {
         if p.repo.max_concurrent > 0 {
@@ -181,8 +195,22 @@ async fn attempt(
         .await?;
     match status.as_deref().and_then(Status::parse) {
         Some(Status::Queued) => {}
-        Some(Status::Running) => take_over(ctx, id, plan.as_ref().ok()).await?,
+        Some(Status::Running) => take_over(ctx, id, plan.as_ref().ok(), true).await?,
         _ => return Ok(Settle::Ack),
+    }
+    // A duplicate request (a replay, a republished request) must not cut a retry's backoff
+    // short: wait out what is left of it.
+    let backoff_left_ms: Option<f64> = sqlx::query_scalar(
+        "SELECT extract(epoch FROM (created_at - now()))::float8 * 1000 + (details->>'retry_in_ms')::float8
+         FROM task_audit_log WHERE task_id = $1 AND event IN ('task_requeued', 'task_retried')
+         ORDER BY id DESC LIMIT 1",
+    )
+    .bind(id)
+    .fetch_optional(&mut *lock)
+    .await?
+    .flatten();
+    if let Some(left) = backoff_left_ms.filter(|l| *l > 50.0) {
+        return Ok(Settle::Nak(Duration::from_millis(left as u64)));
     }
 
     // 4. Start. Registered for cancel broadcasts before the task can be running.
@@ -235,29 +263,37 @@ async fn attempt(
         tx.commit().await?;
     }
     ctx.metrics.exec_running.inc();
-    let heartbeat = heartbeat(ctx, Arc::clone(msg), id, cancel.clone());
-    let (verdict, record) = match &plan {
-        Err(e) => (
-            Verdict::Permanent(e.code, e.message.clone()),
-            RunRecord::default(),
-        ),
-        Ok(p) => {
-            let used = attempts_used(&ctx.pool, id).await?;
-            if used > i64::from(p.action.max_attempts) {
-                (
-                    Verdict::Permanent(
-                        ErrorCode::ActionFailed,
-                        format!("{} attempts used up (worker crashes count)", used - 1),
-                    ),
-                    RunRecord::default(),
-                )
-            } else {
-                execute(ctx, id, attempt_no, p, &cancel, stop).await?
+    let _running = GaugeGuard(&ctx.metrics.exec_running);
+    let _heartbeat = AbortOnDrop(heartbeat(ctx, Arc::clone(msg), id, cancel.clone()));
+    // The lock connection is watched while the attempt runs: if it is lost, so is the lock, and
+    // another worker may take the task over — stop the command now.
+    let lost = CancellationToken::new();
+    let done = CancellationToken::new();
+    let watch = async {
+        loop {
+            tokio::select! {
+                () = done.cancelled() => return,
+                () = tokio::time::sleep(LOCK_PING) => {}
+            }
+            if sqlx::query("SELECT 1").execute(&mut *lock).await.is_err() {
+                tracing::warn!(task.id = %id, "lost the database session holding the task's lock; stopping the command");
+                lost.cancel();
+                cancel.cancel();
+                return;
             }
         }
     };
-    heartbeat.abort();
-    ctx.metrics.exec_running.dec();
+    let run = async {
+        let r = run_attempt(ctx, id, attempt_no, &plan, &cancel, stop).await;
+        done.cancel();
+        r
+    };
+    let (result, ()) = tokio::join!(run, watch);
+    let (verdict, record) = result?;
+    if lost.is_cancelled() {
+        // No verdict can be committed without the lock: the redelivery takes the attempt over.
+        return Ok(Settle::Nak(Duration::from_secs(1)));
+    }
 
     // 5. Verdict, in the lock transaction: it commits only if our session (and so our lock)
     // survived the attempt.
@@ -379,6 +415,59 @@ async fn attempt(
     Ok(settle)
 }
 
+/// How often the lock connection is checked during an attempt.
+const LOCK_PING: Duration = Duration::from_secs(2);
+
+/// Aborts a background task when dropped (also on early returns and errors).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Decrements a gauge when dropped.
+struct GaugeGuard<'a>(&'a prometheus::IntGauge);
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// The attempt's body: a plan error fails at once; attempts used up fail at once; otherwise
+/// [`execute`].
+async fn run_attempt(
+    ctx: &Ctx,
+    id: Uuid,
+    attempt_no: i32,
+    plan: &Result<Plan<'_>, registry::PlanError>,
+    cancel: &CancellationToken,
+    stop: &CancellationToken,
+) -> Result<(Verdict, RunRecord), sqlx::Error> {
+    match plan {
+        Err(e) => Ok((
+            Verdict::Permanent(e.code, e.message.clone()),
+            RunRecord::default(),
+        )),
+        Ok(p) => {
+            let used = attempts_used(&ctx.pool, id).await?;
+            if used > i64::from(p.action.max_attempts) {
+                Ok((
+                    Verdict::Permanent(
+                        ErrorCode::ActionFailed,
+                        format!("{} attempts used up (worker crashes count)", used - 1),
+                    ),
+                    RunRecord::default(),
+                ))
+            } else {
+                Ok(execute(ctx, id, attempt_no, p, cancel, stop).await)
+            }
+        }
+    }
+}
+
 /// Applies a transition; a task cancelled meanwhile keeps its status (false).
 async fn transition(
     conn: &mut sqlx::PgConnection,
@@ -415,7 +504,12 @@ where
 
 /// The in-flight attempt of a task whose worker died: remove its worktree, mark it abandoned,
 /// record the takeover, and queue the task again.
-async fn take_over(ctx: &Ctx, id: Uuid, plan: Option<&Plan<'_>>) -> Result<(), sqlx::Error> {
+async fn take_over(
+    ctx: &Ctx,
+    id: Uuid,
+    plan: Option<&Plan<'_>>,
+    requeue: bool,
+) -> Result<(), sqlx::Error> {
     let stale: Option<(i32, String, Option<String>)> = sqlx::query_as(
         "SELECT attempt, worker_id, worktree FROM task_runs WHERE task_id = $1 AND state = 'running'",
     )
@@ -448,12 +542,36 @@ async fn take_over(ctx: &Ctx, id: Uuid, plan: Option<&Plan<'_>>) -> Result<(), s
             }
         }
     }
+    // Its worktree: the recorded path, or the one the attempt would have used.
     let mut removed = Value::Null;
-    if let (Some((_, _, Some(path))), Some(p)) = (&stale, plan) {
-        removed = match worktree::remove(Path::new(&p.repo.path), Path::new(path)).await {
-            Ok(()) => json!(true),
-            Err(e) => json!(format!("{e}")),
-        };
+    let repository: Option<String> =
+        sqlx::query_scalar("SELECT repository FROM tasks WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&ctx.pool)
+            .await?;
+    if let (Some((attempt, _, recorded)), Some(repository)) = (&stale, repository) {
+        let root = Path::new(&ctx.settings.execution.worktree_root).join(&repository);
+        let path = recorded
+            .as_ref()
+            .map(PathBuf::from)
+            .or_else(|| worktree::path_for(&root, &format!("{id}-{attempt}")));
+        if let Some(path) = path {
+            removed = match plan {
+                Some(p) => {
+                    let _guard = ctx.worktree_lock(&p.repo.path).await;
+                    match worktree::remove(Path::new(&p.repo.path), &path).await {
+                        Ok(()) => json!(true),
+                        Err(e) => json!(format!("{e}")),
+                    }
+                }
+                // The repository is no longer configured: at least free the disk.
+                None => match tokio::fs::remove_dir_all(&path).await {
+                    Ok(()) => json!(true),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => json!(true),
+                    Err(e) => json!(e.to_string()),
+                },
+            };
+        }
     }
     let mut tx = ctx.pool.begin().await?;
     let (attempt, previous) = match &stale {
@@ -484,17 +602,19 @@ async fn take_over(ctx: &Ctx, id: Uuid, plan: Option<&Plan<'_>>) -> Result<(), s
         details.clone(),
     )
     .await?;
-    let mut d = details;
-    d["reason"] = json!("takeover");
-    d["attempt"] = json!(attempt);
-    transition(
-        &mut tx,
-        id,
-        Transition::Requeue,
-        &format!("worker:{worker}"),
-        d,
-    )
-    .await?;
+    if requeue {
+        let mut d = details;
+        d["reason"] = json!("takeover");
+        d["attempt"] = json!(attempt);
+        transition(
+            &mut tx,
+            id,
+            Transition::Requeue,
+            &format!("worker:{worker}"),
+            d,
+        )
+        .await?;
+    }
     tx.commit().await?;
     tracing::warn!(task.id = %id, previous_worker = previous, attempt, "took over a task whose worker died");
     ctx.metrics.exec_takeovers_total.inc();
@@ -544,24 +664,25 @@ async fn execute(
     plan: &Plan<'_>,
     cancel: &CancellationToken,
     stop: &CancellationToken,
-) -> Result<(Verdict, RunRecord), sqlx::Error> {
+) -> (Verdict, RunRecord) {
     let exec = &ctx.settings.execution;
     let worker = ctx.worker_id.as_str();
     let actor = format!("worker:{worker}");
     let repo_path = PathBuf::from(&plan.repo.path);
     let root = Path::new(&exec.worktree_root).join(plan.repository);
     let Some(path) = worktree::path_for(&root, &format!("{id}-{attempt}")) else {
-        return Ok((
+        return (
             Verdict::Permanent(
                 ErrorCode::WorktreeCreationFailed,
                 "bad worktree name".into(),
             ),
             RunRecord::default(),
-        ));
+        );
     };
     let path_text = path.to_string_lossy().into_owned();
-    {
-        // Recorded before it exists, so a takeover can clean up a half-made one.
+    // Recorded before it exists, so a takeover can clean up a half-made one (a takeover also
+    // derives the same path from the attempt if this write is lost).
+    let recorded = async {
         let mut tx = ctx.pool.begin().await?;
         sqlx::query("UPDATE task_runs SET worktree = $3 WHERE task_id = $1 AND attempt = $2")
             .bind(id)
@@ -579,7 +700,10 @@ async fn execute(
             json!({"path": path_text}),
         )
         .await?;
-        tx.commit().await?;
+        tx.commit().await
+    };
+    if let Err(e) = recorded.await {
+        tracing::warn!(task.id = %id, error = %e, "saga step not recorded");
     }
     let created = match tokio::fs::create_dir_all(&root).await {
         Err(e) => Err(format!("cannot create {}: {e}", root.display())),
@@ -599,11 +723,11 @@ async fn execute(
             "failed",
             json!({"path": path_text, "error": why}),
         )
-        .await?;
-        return Ok((
+        .await;
+        return (
             Verdict::Transient(ErrorCode::WorktreeCreationFailed, why),
             RunRecord::default(),
-        ));
+        );
     }
     step(
         ctx,
@@ -613,7 +737,7 @@ async fn execute(
         "succeeded",
         json!({"path": path_text}),
     )
-    .await?;
+    .await;
     audit(
         ctx,
         id,
@@ -621,7 +745,7 @@ async fn execute(
         &actor,
         json!({"attempt": attempt, "path": path_text}),
     )
-    .await?;
+    .await;
 
     let env_set = vec![
         ("MHV_TASK_ID".to_owned(), id.to_string()),
@@ -657,8 +781,7 @@ async fn execute(
         )
         .await
     };
-    let (ran, recorded) = tokio::join!(command, record_start);
-    recorded?;
+    let (ran, ()) = tokio::join!(command, record_start);
     let (mut verdict, record) = match ran {
         Err(e) => (
             Verdict::Transient(ErrorCode::ActionFailed, format!("{e}")),
@@ -701,7 +824,7 @@ async fn execute(
         if ok { "succeeded" } else { "failed" },
         json!({"exit_code": record.exit_code, "signal": record.signal, "duration_ms": record.duration_ms}),
     )
-    .await?;
+    .await;
 
     if ok {
         for (name, gate) in plan.gates() {
@@ -721,7 +844,7 @@ async fn execute(
             };
             let mut d = detail.clone();
             d["attempt"] = json!(attempt);
-            audit(ctx, id, event, &actor, d).await?;
+            audit(ctx, id, event, &actor, d).await;
             step(
                 ctx,
                 id,
@@ -730,7 +853,7 @@ async fn execute(
                 if passed { "succeeded" } else { "failed" },
                 detail,
             )
-            .await?;
+            .await;
             if !passed {
                 verdict = match g {
                     Ok(o) if o.exit == process::Exit::Cancelled && stop.is_cancelled() => {
@@ -762,7 +885,7 @@ async fn execute(
                 &actor,
                 json!({"attempt": attempt, "path": path_text}),
             )
-            .await?;
+            .await;
             step(
                 ctx,
                 id,
@@ -771,7 +894,7 @@ async fn execute(
                 "succeeded",
                 json!({"path": path_text}),
             )
-            .await?;
+            .await;
         }
         Err(e) => {
             tracing::warn!(task.id = %id, error = %e, "worktree removal failed");
@@ -783,10 +906,10 @@ async fn execute(
                 "failed",
                 json!({"path": path_text, "error": e.to_string()}),
             )
-            .await?;
+            .await;
         }
     }
-    Ok((verdict, record))
+    (verdict, record)
 }
 
 /// This machine's name (saga details; a takeover kills a dead worker's process group only on
@@ -837,27 +960,22 @@ async fn saga(
     Ok(())
 }
 
-/// A saga step, committed at once (a takeover must see it even if this worker dies next).
-async fn step(
-    ctx: &Ctx,
-    id: Uuid,
-    attempt: i32,
-    name: &str,
-    state: &str,
-    details: Value,
-) -> Result<(), sqlx::Error> {
-    let mut conn = ctx.pool.acquire().await?;
-    saga(&mut conn, id, attempt, name, state, &ctx.worker_id, details).await
+/// A saga step, committed at once (a takeover must see it even if this worker dies next). A
+/// failed write is logged, not fatal: the attempt goes on and its verdict is still written.
+async fn step(ctx: &Ctx, id: Uuid, attempt: i32, name: &str, state: &str, details: Value) {
+    let r = async {
+        let mut conn = ctx.pool.acquire().await?;
+        saga(&mut conn, id, attempt, name, state, &ctx.worker_id, details).await
+    }
+    .await;
+    if let Err(e) = r {
+        tracing::warn!(task.id = %id, step = name, error = %e, "saga step not recorded");
+    }
 }
 
-async fn audit(
-    ctx: &Ctx,
-    id: Uuid,
-    event: &str,
-    actor: &str,
-    details: Value,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
+/// An audit row of the attempt (logged, not fatal, if it cannot be written).
+async fn audit(ctx: &Ctx, id: Uuid, event: &str, actor: &str, details: Value) {
+    let r = sqlx::query(
         "INSERT INTO task_audit_log (task_id, event, actor, details) VALUES ($1, $2, $3, $4)",
     )
     .bind(id)
@@ -865,12 +983,14 @@ async fn audit(
     .bind(actor)
     .bind(Json(details))
     .execute(&ctx.pool)
-    .await?;
-    Ok(())
+    .await;
+    if let Err(e) = r {
+        tracing::warn!(task.id = %id, event, error = %e, "audit row not written");
+    }
 }
 
-/// In-progress acks every third of the ack wait, and a look at the task's status (a cancel
-/// whose broadcast this worker missed).
+/// In-progress acks every third of the ack wait, and a look at the task's status every second
+/// (a cancel whose broadcast this worker missed).
 fn heartbeat(
     ctx: &Arc<Ctx>,
     msg: Arc<jetstream::Message>,
@@ -880,10 +1000,15 @@ fn heartbeat(
     let every = Duration::from_secs(ctx.settings.execution.ack_wait_secs) / 3;
     let pool = ctx.pool.clone();
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let second = Duration::from_secs(1);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + second, second);
+        let mut last_ack = tokio::time::Instant::now();
         loop {
             tick.tick().await;
-            let _ = msg.ack_with(AckKind::Progress).await;
+            if last_ack.elapsed() + second > every {
+                let _ = msg.ack_with(AckKind::Progress).await;
+                last_ack = tokio::time::Instant::now();
+            }
             let status: Result<Option<String>, _> =
                 sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1")
                     .bind(id)
