@@ -10,7 +10,7 @@
 //! - Otherwise a task must name a registered repository (`MHV-200`). A task that names an action
 //!   needs a repository set up for execution (a `path` and at least one action, `MHV-201`) and an
 //!   action it has (`MHV-203`). A task that names none runs the repository's `default_action`, or,
-//!   without one, stays `pending` as a record for people (assignment, blocking).
+//!   without one, stays `queued` as a record for people (assignment, blocking).
 
 use crate::error::ErrorCode;
 use serde::{Deserialize, Serialize};

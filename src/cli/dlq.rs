@@ -146,7 +146,33 @@ async fn show(pool: &sqlx::PgPool, id: i64) -> anyhow::Result<()> {
         replayed.map_or("no".into(), |r| r.to_string())
     );
     if let Some(t) = task {
-        println!("  task        {t}   (mhv tasks runs {t})");
+        println!("  task        {t}   (all attempts: mhv tasks runs {t})");
+        type LastRun = (i32, String, Option<i32>, Option<String>, Option<String>);
+        let last: Option<LastRun> = sqlx::query_as(
+            "SELECT attempt, state, exit_code, error, stderr_tail FROM task_runs
+                 WHERE task_id = $1 ORDER BY attempt DESC LIMIT 1",
+        )
+        .bind(t)
+        .fetch_optional(pool)
+        .await?;
+        if let Some((attempt, state, exit, error, stderr)) = last {
+            println!(
+                "  last run    attempt {attempt}: {state}, exit {}, {}",
+                exit.map_or("-".into(), |c| c.to_string()),
+                error.unwrap_or_default()
+            );
+            for l in stderr
+                .unwrap_or_default()
+                .lines()
+                .rev()
+                .take(10)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+            {
+                println!("      stderr | {l}");
+            }
+        }
     }
     println!("  headers     {headers}");
     let text = String::from_utf8_lossy(&payload);

@@ -1068,11 +1068,16 @@ async fn dead_letter_task(
 async fn dead_letter_request(ctx: &Ctx, msg: &jetstream::Message, why: String) -> Settle {
     let info = msg.info().ok();
     let seq = info.as_ref().map(|i| i.stream_sequence).unwrap_or(0);
+    // With the store time: sequences restart when the stream is re-created.
+    let stored = info
+        .as_ref()
+        .and_then(|i| i.published.timestamp_nanos_opt())
+        .unwrap_or_default();
     let r = sqlx::query(
         "INSERT INTO dead_letters (message_key, subject, stream_seq, deliveries, error_code, reason, headers, payload)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (message_key, error_code) DO NOTHING",
     )
-    .bind(format!("exec-seq:{seq}"))
+    .bind(format!("exec-seq:{seq}:{stored}"))
     .bind(msg.subject.as_str())
     .bind(i64::try_from(seq).unwrap_or(i64::MAX))
     .bind(info.as_ref().map(|i| i.delivered))
