@@ -145,6 +145,25 @@ pub async fn run(mut settings: Settings, args: UpArgs) -> anyhow::Result<()> {
         .sources
         .entry(DEMO_SOURCE.into())
         .or_insert_with(|| demo_source(&hook_secret));
+    // A demo repository the demo tasks run in (a git repository with one commit, kept across
+    // runs), unless the configuration registers one named `demo` already.
+    if !settings.repositories.contains_key(DEMO_REPOSITORY) {
+        let repo = data.join("demo-repo");
+        match ensure_demo_repo(&repo) {
+            Ok(()) => {
+                if settings.execution.worktree_root
+                    == crate::registry::ExecutionSettings::default().worktree_root
+                {
+                    settings.execution.worktree_root =
+                        data.join("worktrees").to_string_lossy().into_owned();
+                }
+                settings
+                    .repositories
+                    .insert(DEMO_REPOSITORY.into(), demo_repository(&repo));
+            }
+            Err(e) => eprintln!("demo repository not set up, tasks will not run: {e:#}"),
+        }
+    }
     // The generated file redacts inline secrets: hand every one to the services by environment.
     let mut secret_env = Vec::new();
     for src in settings.webhooks.sources.values_mut() {
@@ -225,8 +244,19 @@ pub async fn run(mut settings: Settings, args: UpArgs) -> anyhow::Result<()> {
     );
 
     if !args.no_demo {
-        demo(&http, &base, &key).await?;
-        demo_webhook(&http, &base, &key, &hook_secret).await?;
+        let runs = settings
+            .repositories
+            .get(DEMO_REPOSITORY)
+            .is_some_and(|r| r.executable() && r.default_action.is_some());
+        let pool = crate::db::pool(&settings.database)?;
+        let a = demo(&http, &base, &key).await?;
+        let b = demo_webhook(&http, &base, &key, &hook_secret).await?;
+        if runs {
+            for id in [a, b] {
+                demo_run(&http, &base, &key, &pool, &id).await?;
+            }
+        }
+        pool.close().await;
     }
     if args.exit_after_demo {
         return Ok(());
@@ -260,6 +290,125 @@ async fn old_nats_version(url: &str) -> Option<String> {
     ((major, minor) < devstack::nats::MIN_VERSION).then_some(v)
 }
 
+/// Name of the demo repository `mhv up` registers (unless the configuration has one).
+pub const DEMO_REPOSITORY: &str = "demo";
+
+/// A git repository with one commit on `main` (created once).
+fn ensure_demo_repo(dir: &Path) -> anyhow::Result<()> {
+    if dir.join(".git").exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)?;
+    let git = |args: &[&str]| -> anyhow::Result<()> {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args([
+                "-c",
+                "user.name=mhv up",
+                "-c",
+                "user.email=mhv-up@example.invalid",
+            ])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("running git (is it installed?)")?;
+        if !out.status.success() {
+            bail!(
+                "git {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    };
+    git(&["init", "-q", "-b", "main"])?;
+    std::fs::write(
+        dir.join("README.md"),
+        "# demo\n\nA repository `mhv up` made so its demo tasks have something to run in.\n",
+    )?;
+    git(&["add", "README.md"])?;
+    git(&["commit", "-qm", "demo repository"])?;
+    Ok(())
+}
+
+fn demo_repository(dir: &Path) -> crate::registry::Repository {
+    use crate::registry::{Action, Gate, Repository};
+    let mut r = Repository {
+        path: dir.to_string_lossy().into_owned(),
+        default_branch: "main".into(),
+        default_action: Some("check".into()),
+        max_concurrent: 1,
+        ..Repository::default()
+    };
+    r.actions.insert(
+        "check".into(),
+        Action {
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo \"task $MHV_TASK_ID, attempt $MHV_ATTEMPT, at $(git rev-parse --short HEAD)\"; wc -l README.md".into(),
+            ],
+            timeout_secs: 60,
+            ..Action::default()
+        },
+    );
+    r.gates.insert(
+        "readme".into(),
+        Gate {
+            argv: vec!["test".into(), "-s".into(), "README.md".into()],
+            ..Gate::default()
+        },
+    );
+    r
+}
+
+/// Waits for a demo task to complete and prints its run.
+async fn demo_run(
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+    pool: &sqlx::PgPool,
+    id: &str,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        let r = http
+            .get(format!("{base}/v1/tasks/{id}"))
+            .bearer_auth(key)
+            .send()
+            .await?;
+        let t: serde_json::Value = r.json().await?;
+        match t["status"].as_str() {
+            Some("completed") => break,
+            Some("failed" | "cancelled") => {
+                bail!(
+                    "demo task {id} ended {}; `mhv tasks runs {id}` shows why",
+                    t["status"]
+                )
+            }
+            _ if start.elapsed() > Duration::from_secs(30) => {
+                bail!("demo task {id} did not complete within 30 s (status {}); check the worker logs", t["status"])
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let run: Option<(i32, Option<i64>, Option<String>)> = sqlx::query_as(
+        "SELECT attempt, duration_ms, stdout_tail FROM task_runs
+         WHERE task_id = $1::uuid AND state = 'succeeded'",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    let (attempt, ms, out) = run.unwrap_or((0, None, None));
+    println!(
+        "demo: task {id} ran `check` in its own worktree (attempt {attempt}, {} ms, gate `readme` passed) and completed {} ms after it was read back; output: {}",
+        ms.unwrap_or_default(),
+        start.elapsed().as_millis(),
+        out.unwrap_or_default().trim().replace('\n', " | ")
+    );
+    Ok(())
+}
+
 /// Name of the demo webhook source `mhv up` adds (unless the configuration has one by that name).
 pub const DEMO_SOURCE: &str = "demo-github";
 
@@ -276,7 +425,7 @@ async fn demo_webhook(
     base: &str,
     key: &str,
     secret: &str,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<String> {
     use hmac::Mac as _;
     let delivery = uuid::Uuid::now_v7().to_string();
     let body = serde_json::to_vec(&serde_json::json!({
@@ -314,7 +463,7 @@ async fn demo_webhook(
         task["title"].as_str().unwrap_or_default(),
         start.elapsed().as_millis()
     );
-    Ok(())
+    Ok(id.to_string())
 }
 
 /// GETs `url` with the key every 50 ms until it answers 2xx (its JSON body) or 10 s pass.
@@ -335,7 +484,7 @@ async fn poll_read(
 }
 
 /// The demo job: create a task through the gateway and read it back with its audit row.
-async fn demo(http: &reqwest::Client, base: &str, key: &str) -> anyhow::Result<()> {
+async fn demo(http: &reqwest::Client, base: &str, key: &str) -> anyhow::Result<String> {
     let resp = http
         .post(format!("{base}/v1/tasks"))
         .bearer_auth(key)
@@ -365,7 +514,7 @@ async fn demo(http: &reqwest::Client, base: &str, key: &str) -> anyhow::Result<(
         "\ndemo: task {id} accepted (202) and persisted in {} ms with audit: {audit}",
         start.elapsed().as_millis()
     );
-    Ok(())
+    Ok(id)
 }
 
 async fn wait_ready(
