@@ -595,12 +595,15 @@ impl Settings {
         if c.ack_wait_secs == 0 {
             return err("nats.consumer.ack_wait_secs must be > 0".into());
         }
-        if c.max_deliver != -1 && c.max_deliver < 2 {
-            // Past MaxDeliver JetStream neither removes nor redelivers a message; the workers
-            // capture its advisory into the dead-letter store (workers/src/advisories.rs).
+        // Past MaxDeliver JetStream neither removes nor redelivers a message; the workers
+        // capture its advisory into the dead-letter store (workers/src/advisories.rs). The server
+        // refuses a limit not above the number of backoff entries.
+        let min = (c.backoff_secs.len() as i64 + 1).max(2);
+        if c.max_deliver != -1 && c.max_deliver < min {
             return err(format!(
-                "nats.consumer.max_deliver is {}; use -1 (never stop) or at least 2",
-                c.max_deliver
+                "nats.consumer.max_deliver is {}; use -1 (never stop) or at least {min} (2, and more than the {} backoff_secs entries)",
+                c.max_deliver,
+                c.backoff_secs.len()
             ));
         }
         if let Some(b) = c.backoff_secs.iter().find(|b| **b < c.ack_wait_secs) {

@@ -97,6 +97,22 @@ pub fn exec_consumer_config(e: &crate::registry::ExecutionSettings) -> consumer:
     }
 }
 
+/// Creates the execution stream if it is missing, touching nothing else (the CLI: an operator's
+/// settings must not overwrite the workers' stream or consumer).
+pub async fn ensure_exec_stream_exists(
+    js: &jetstream::Context,
+    s: &crate::config::Settings,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    if js.get_stream(&s.execution.stream).await.is_ok() {
+        return Ok(());
+    }
+    js.get_or_create_stream(exec_stream_config(&s.nats, &s.execution))
+        .await
+        .with_context(|| format!("creating stream {}", s.execution.stream))?;
+    Ok(())
+}
+
 /// Creates or updates the execution stream and its consumer.
 pub async fn ensure_exec(
     js: &jetstream::Context,

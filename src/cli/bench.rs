@@ -41,6 +41,9 @@ pub struct BenchArgs {
     /// Messages for the one-per-transaction baseline of (c).
     #[arg(long, default_value_t = 5_000)]
     pub baseline_messages: u64,
+    /// Tasks executed for (f) (and for its baseline).
+    #[arg(long, default_value_t = 300)]
+    pub exec_tasks: u64,
 }
 
 struct Proc(Child);
@@ -72,6 +75,18 @@ pub async fn run(base: Settings, args: BenchArgs) -> anyhow::Result<()> {
         .webhooks
         .sources
         .insert(BENCH_SOURCE.into(), bench_source());
+    // (f) runs a no-op action in a git repository; (b)-(e) name a registered repository that
+    // runs nothing (their tasks are records).
+    let exec_repo = dir.join("exec-repo");
+    super::up::ensure_demo_repo(&exec_repo)?;
+    settings.execution.worktree_root = dir.join("worktrees").to_string_lossy().into_owned();
+    settings.execution.max_concurrent = EXEC_CONCURRENCY;
+    settings
+        .repositories
+        .insert("bench".into(), crate::registry::Repository::default());
+    settings
+        .repositories
+        .insert(EXEC_REPOSITORY.into(), exec_repository(&exec_repo));
     settings.log.format = LogFormat::Json;
     settings.log.filter = "warn".into();
     settings.validate()?;
@@ -248,6 +263,60 @@ pub async fn run(base: Settings, args: BenchArgs) -> anyhow::Result<()> {
         hook_rate / e2e_rate
     );
 
+    // (f) execution: tasks published straight to NATS, run by two workers (worktree, command,
+    // cleanup, every state change and saga step recorded), against the same git work done by
+    // one process with the same concurrency and no fleet around it.
+    let n_exec = args.exec_tasks;
+    let workers = vec![spawn("mhv-worker")?, spawn("mhv-worker")?];
+    let started = Instant::now();
+    for i in 0..n_exec {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Nats-Msg-Id", format!("bench-exec-{i}").as_str());
+        js.publish_with_headers(
+            crate::topology::SUBJECT_TASKS_CREATE,
+            h,
+            serde_json::to_vec(&serde_json::json!({
+                "title": format!("bench execution {i}"), "repository": EXEC_REPOSITORY
+            }))?
+            .into(),
+        )
+        .await?
+        .await?;
+    }
+    let want_exec = i64::try_from(n_exec)?;
+    loop {
+        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE status = 'completed'")
+            .fetch_one(&pool)
+            .await?;
+        if done >= want_exec {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(900) {
+            bail!("only {done} of {n_exec} executions completed within 15 min");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let exec_secs = started.elapsed().as_secs_f64();
+    drop(workers);
+    let exec_rate = n_exec as f64 / exec_secs;
+    let (p50, p99): (f64, f64) = sqlx::query_as(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms)::float8,
+                percentile_cont(0.99) WITHIN GROUP (ORDER BY duration_ms)::float8
+         FROM task_runs WHERE state = 'succeeded'",
+    )
+    .fetch_one(&pool)
+    .await?;
+    let conc_f = 2 * EXEC_CONCURRENCY;
+    let raw_exec =
+        raw_git_runs(&exec_repo, &dir.join("baseline-worktrees"), n_exec, conc_f).await?;
+    println!(
+        "(f) executions end to end, 2 workers x {EXEC_CONCURRENCY}: {exec_rate:>10.0} tasks/s published to completed ({n_exec} tasks: worktree, `true`, cleanup; command p50 {p50:.1} ms, p99 {p99:.1} ms)"
+    );
+    println!(
+        "    baseline, the same worktree add + `true` + worktree remove, {conc_f} at a time in one process: {raw_exec:>10.0} runs/s; (f)/baseline = {:.2}x",
+        exec_rate / raw_exec
+    );
+
     // Baseline for (c): one message per transaction, same SQL, same concurrency as the workers.
     let conc = 2 * settings.worker.max_in_flight_batches;
     let single = one_per_transaction(&db.url, args.baseline_messages, conc).await?;
@@ -281,10 +350,115 @@ pub async fn run(base: Settings, args: BenchArgs) -> anyhow::Result<()> {
         "  (e)/(c) = {:.2}x   webhook deliveries against tasks through the workers (no target)",
         hook_rate / e2e_rate
     );
+    println!(
+        "  (f)/baseline = {:.2}x   the fleet's execution against bare git + process work (no target)",
+        exec_rate / raw_exec
+    );
     pool.close().await;
     drop(nats);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// The repository (f) executes in.
+const EXEC_REPOSITORY: &str = "exec-bench";
+/// Tasks each bench worker runs at once in (f).
+const EXEC_CONCURRENCY: usize = 4;
+
+fn exec_repository(dir: &Path) -> crate::registry::Repository {
+    let mut r = crate::registry::Repository {
+        path: dir.to_string_lossy().into_owned(),
+        default_branch: "main".into(),
+        default_action: Some("noop".into()),
+        ..crate::registry::Repository::default()
+    };
+    r.actions.insert(
+        "noop".into(),
+        crate::registry::Action {
+            argv: vec!["true".into()],
+            timeout_secs: 60,
+            max_attempts: 1,
+            ..crate::registry::Action::default()
+        },
+    );
+    r
+}
+
+/// The bare work of an execution, `concurrency` at a time: `git worktree add`, run `true` in
+/// it, `git worktree remove`. Returns runs per second.
+async fn raw_git_runs(repo: &Path, root: &Path, n: u64, concurrency: usize) -> anyhow::Result<f64> {
+    std::fs::create_dir_all(root)?;
+    let git_lock = Arc::new(tokio::sync::Mutex::new(()));
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let started = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (repo, root, git_lock, next) = (
+            repo.to_path_buf(),
+            root.to_path_buf(),
+            git_lock.clone(),
+            next.clone(),
+        );
+        set.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    return anyhow::Ok(());
+                }
+                let path = root.join(format!("run-{i}"));
+                let git = |args: Vec<std::ffi::OsString>| {
+                    let repo = repo.clone();
+                    async move {
+                        let st = tokio::process::Command::new("git")
+                            .arg("-C")
+                            .arg(&repo)
+                            .args(args)
+                            .stdout(Stdio::null())
+                            .stderr(Stdio::null())
+                            .status()
+                            .await?;
+                        anyhow::ensure!(st.success(), "git failed");
+                        anyhow::Ok(())
+                    }
+                };
+                {
+                    // The workers serialize worktree bookkeeping per repository too.
+                    let _g = git_lock.lock().await;
+                    // As the workers do: look for a stale one first.
+                    git(vec!["worktree".into(), "list".into(), "--porcelain".into()]).await?;
+                    git(vec![
+                        "worktree".into(),
+                        "add".into(),
+                        "--detach".into(),
+                        "--force".into(),
+                        path.clone().into(),
+                        "main".into(),
+                    ])
+                    .await?;
+                }
+                let st = tokio::process::Command::new("true")
+                    .current_dir(&path)
+                    .status()
+                    .await?;
+                anyhow::ensure!(st.success(), "true failed");
+                let _g = git_lock.lock().await;
+                git(vec!["worktree".into(), "list".into(), "--porcelain".into()]).await?;
+                git(vec![
+                    "worktree".into(),
+                    "remove".into(),
+                    "--force".into(),
+                    "--force".into(),
+                    path.into(),
+                ])
+                .await?;
+                git(vec!["worktree".into(), "prune".into()]).await?;
+            }
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
 /// The webhook source the bench posts to.

@@ -190,18 +190,19 @@ async fn replay(
     type Stored = (
         Option<uuid::Uuid>,
         String,
+        String,
         serde_json::Value,
         Vec<u8>,
         Option<DateTime<Utc>>,
     );
     let row: Option<Stored> = sqlx::query_as(
-        "SELECT task_id, subject, headers, payload, replayed_at FROM dead_letters WHERE id = $1",
+        "SELECT task_id, error_code, subject, headers, payload, replayed_at FROM dead_letters WHERE id = $1",
     )
     .bind(id)
     .fetch_optional(pool)
     .await
     .context("MHV-002: reading dead_letters")?;
-    let Some((task, subject, headers, stored, replayed)) = row else {
+    let Some((task, code, subject, headers, stored, replayed)) = row else {
         anyhow::bail!("MHV-100: no dead letter {id} (see `mhv dlq list --all`)");
     };
     let nats = topology::connect(&s.nats.url, "mhv-cli").await?;
@@ -210,7 +211,7 @@ async fn replay(
         if payload.is_some() {
             anyhow::bail!("MHV-003: --payload applies to messages; a failed task is replayed as it is stored (repair the repository or the configuration instead)");
         }
-        topology::ensure_exec(&js, s).await?;
+        topology::ensure_exec_stream_exists(&js, s).await?;
         let details = serde_json::json!({"dead_letter": id});
         return match control::retry(pool, &js, s, task, &cli_actor(), details, Some(id)).await {
             Ok(RetryOutcome::Queued) => {
@@ -232,6 +233,9 @@ async fn replay(
         };
     }
     // A message: publish it again, keyed by the dead letter, to the subject it came from.
+    if code == crate::ErrorCode::IdempotencyConflict.as_str() && payload.is_none() {
+        anyhow::bail!("MHV-106: dead letter {id} reused an idempotency key with a different body; replaying it cannot succeed (the first request with that key stands). Submit it as a new task with a new key");
+    }
     if !topology::STREAM_SUBJECTS.contains(&subject.as_str()) {
         anyhow::bail!("MHV-003: dead letter {id} came from {subject:?}, which cannot be replayed");
     }

@@ -59,7 +59,7 @@ pub async fn run(s: Settings, cmd: TasksCommand) -> anyhow::Result<()> {
         TasksCommand::Retry { id, reason } => {
             let nats = topology::connect(&s.nats.url, "mhv-cli").await?;
             let js = async_nats::jetstream::new(nats);
-            topology::ensure_exec(&js, &s).await?;
+            topology::ensure_exec_stream_exists(&js, &s).await?;
             let details = serde_json::json!({"reason": reason});
             match control::retry(&pool, &js, &s, id, &cli_actor(), details, None).await {
                 Ok(RetryOutcome::Queued) => println!("task {id} queued again"),

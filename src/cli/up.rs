@@ -294,7 +294,7 @@ async fn old_nats_version(url: &str) -> Option<String> {
 pub const DEMO_REPOSITORY: &str = "demo";
 
 /// A git repository with one commit on `main` (created once).
-fn ensure_demo_repo(dir: &Path) -> anyhow::Result<()> {
+pub(crate) fn ensure_demo_repo(dir: &Path) -> anyhow::Result<()> {
     if dir.join(".git").exists() {
         return Ok(());
     }

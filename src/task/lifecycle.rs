@@ -156,7 +156,7 @@ pub async fn apply(
     let from: Vec<&str> = t.from().iter().map(|s| s.as_str()).collect();
     let prev: Option<String> = sqlx::query_scalar(
         "WITH prev AS (SELECT id, status FROM tasks WHERE id = $1 FOR UPDATE)
-         UPDATE tasks SET status = $2, updated_at = now()
+         UPDATE tasks SET status = $2, updated_at = clock_timestamp()
          FROM prev WHERE tasks.id = prev.id AND prev.status = ANY($3)
          RETURNING prev.status",
     )
@@ -173,7 +173,10 @@ pub async fn apply(
         map.extend(extra);
     }
     sqlx::query(
-        "INSERT INTO task_audit_log (task_id, event, actor, details) VALUES ($1, $2, $3, $4)",
+        // clock_timestamp(), not now(): an executor writes its verdict in a transaction that
+        // began when the attempt did.
+        "INSERT INTO task_audit_log (task_id, event, actor, details, created_at)
+         VALUES ($1, $2, $3, $4, clock_timestamp())",
     )
     .bind(task)
     .bind(t.event())

@@ -317,7 +317,11 @@ async fn insert_dead_letters(
     sqlx::query(
         "INSERT INTO dead_letters (message_key, subject, stream_seq, deliveries, error_code, reason, headers, payload)
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[], $6::text[], $7::jsonb[], $8::bytea[])
-         ON CONFLICT (message_key, error_code) DO NOTHING",
+         ON CONFLICT (message_key, error_code) DO UPDATE
+           SET replayed_at = NULL, reason = EXCLUDED.reason, deliveries = EXCLUDED.deliveries,
+               headers = EXCLUDED.headers, payload = EXCLUDED.payload, created_at = now()
+           -- A replay that fails again is a dead letter again (it was marked replayed).
+           WHERE dead_letters.replayed_at IS NOT NULL",
     )
     .bind(&keys)
     .bind(&subjects)

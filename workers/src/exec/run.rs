@@ -152,9 +152,17 @@ async fn attempt(
     );
     let plan = match plan {
         Ok(Some(p)) => Ok(p),
-        // The registry changed since the task was accepted and it now runs nothing: it stays
-        // queued as a record.
-        Ok(None) => return Ok(Settle::Ack),
+        // The registry changed since the task was accepted and it now runs nothing: a queued
+        // task stays queued as a record; one in flight on a dead worker is still taken over
+        // (and then fails: there is nothing to run).
+        Ok(None) if status == Some(Status::Queued) => return Ok(Settle::Ack),
+        Ok(None) => Err(registry::PlanError {
+            code: ErrorCode::RepositoryNotConfigured,
+            field: "metadata.action",
+            message: format!(
+                "repository {repository:?} no longer gives this task an action to run"
+            ),
+        }),
         Err(e) => Err(e),
     };
 
@@ -275,7 +283,10 @@ async fn attempt(
                 () = done.cancelled() => return,
                 () = tokio::time::sleep(LOCK_PING) => {}
             }
-            if sqlx::query("SELECT 1").execute(&mut *lock).await.is_err() {
+            let ping =
+                tokio::time::timeout(LOCK_PING * 2, sqlx::query("SELECT 1").execute(&mut *lock))
+                    .await;
+            if !matches!(ping, Ok(Ok(_))) {
                 tracing::warn!(task.id = %id, "lost the database session holding the task's lock; stopping the command");
                 lost.cancel();
                 cancel.cancel();
@@ -322,7 +333,7 @@ async fn attempt(
     sqlx::query(
         "UPDATE task_runs SET state = $3, exit_code = $4, signal = $5, duration_ms = $6,
                 stdout_tail = $7, stderr_tail = $8, stdout_bytes = $9, stderr_bytes = $10,
-                error_code = $11, error = $12, finished_at = now()
+                error_code = $11, error = $12, finished_at = clock_timestamp()
          WHERE task_id = $1 AND attempt = $2",
     )
     .bind(id)
@@ -517,6 +528,23 @@ async fn take_over(
     .fetch_optional(&ctx.pool)
     .await?;
     let worker = ctx.worker_id.as_str();
+    if stale.is_none() {
+        // Nothing in flight (another delivery cleaned it up first, or the attempt never got its
+        // row): nothing to compensate.
+        if requeue {
+            let mut tx = ctx.pool.begin().await?;
+            transition(
+                &mut tx,
+                id,
+                Transition::Requeue,
+                &format!("worker:{worker}"),
+                json!({"reason": "running with no attempt in flight"}),
+            )
+            .await?;
+            tx.commit().await?;
+        }
+        return Ok(());
+    }
     // The dead worker's command may still run (its group is not the worker's): on this host,
     // kill it, once its environment shows it is that attempt's.
     let mut killed = Value::Null;
@@ -715,6 +743,11 @@ async fn execute(
         }
     };
     if let Err(why) = created {
+        // A half-made one is removed now: no later attempt uses this path.
+        {
+            let _guard = ctx.worktree_lock(&plan.repo.path).await;
+            let _ = worktree::remove(&repo_path, &path).await;
+        }
         step(
             ctx,
             id,
@@ -947,7 +980,8 @@ async fn saga(
     details: Value,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO saga_log (task_id, attempt, step, state, worker_id, details) VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO saga_log (task_id, attempt, step, state, worker_id, details, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, clock_timestamp())",
     )
     .bind(id)
     .bind(attempt)
@@ -1047,8 +1081,8 @@ async fn dead_letter_task(
         );
     }
     sqlx::query(
-        "INSERT INTO dead_letters (message_key, subject, stream_seq, deliveries, error_code, reason, headers, payload, task_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (message_key, error_code) DO NOTHING",
+        "INSERT INTO dead_letters (message_key, subject, stream_seq, deliveries, error_code, reason, headers, payload, task_id, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, clock_timestamp()) ON CONFLICT (message_key, error_code) DO NOTHING",
     )
     .bind(format!("exec:{id}:{attempt}"))
     .bind(msg.subject.as_str())

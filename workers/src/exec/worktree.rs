@@ -26,18 +26,30 @@ pub fn path_for(root: &Path, name: &str) -> Option<PathBuf> {
     ok.then(|| root.join(name))
 }
 
+/// Longest a git bookkeeping command may take (a repository on a stuck mount must not hold the
+/// repository's worktree lock for ever).
+const GIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 async fn git(repo: &Path, args: &[&str], action: &'static str) -> Result<String, WorktreeError> {
-    let out = tokio::process::Command::new("git")
-        .arg("-C")
-        .arg(repo)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(|e| WorktreeError {
-            action,
-            detail: e.to_string(),
-        })?;
+    let out = tokio::time::timeout(
+        GIT_TIMEOUT,
+        tokio::process::Command::new("git")
+            .arg("-C")
+            .arg(repo)
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .map_err(|_| WorktreeError {
+        action,
+        detail: format!("git did not finish within {} s", GIT_TIMEOUT.as_secs()),
+    })?
+    .map_err(|e| WorktreeError {
+        action,
+        detail: e.to_string(),
+    })?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
