@@ -903,8 +903,8 @@ async fn execute(
         }
     }
 
-    // Removed after failures too. A failed removal is recorded; the next attempt (or a
-    // takeover) replaces the directory.
+    // Removed after failures too. A failed removal is recorded (saga step cleanup/failed) and
+    // left on disk: no later attempt uses this path (runbooks/execution.md has the clean-up).
     let removed = {
         let _guard = ctx.worktree_lock(&plan.repo.path).await;
         worktree::remove(&repo_path, &path).await
