@@ -1043,3 +1043,81 @@ async fn cancelling_a_task_whose_worker_died_cleans_up_its_orphaned_command_and_
     assert_eq!(status(&stack, id).await.as_deref(), Some("cancelled"));
     wait_exec_drained(&stack).await;
 }
+
+#[tokio::test]
+async fn a_blocked_task_does_not_start_until_unblocked_and_assignment_is_audited() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = make_repo(tmp.path());
+    let wt = tmp.path().join("worktrees");
+    let stack = TestStack::start(
+        |s| {
+            configure(
+                s,
+                &repo,
+                &wt,
+                vec![Repo {
+                    name: "app",
+                    limit: 1,
+                    actions: vec![("nap", sh("sleep 1", 30, 1, &[]))],
+                    gates: vec![],
+                }],
+            )
+        },
+        1,
+    )
+    .await;
+    let first = submit(&stack, "app", "nap").await;
+    wait_command_started(&stack, first, 1).await;
+    // Waits for the repository's only slot; blocked meanwhile.
+    let second = submit(&stack, "app", "nap").await;
+    let config = stack.settings_file();
+    let id = second.to_string();
+    let (ok, out) = mhv(
+        &stack,
+        &config,
+        &["tasks", "block", &id, "--reason", "waiting on QA"],
+    )
+    .await;
+    assert!(ok && out.contains("blocked (it was queued)"), "{out}");
+    wait_status(&stack, first, "completed", Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(runs(&stack, second).await.is_empty(), "a blocked task ran");
+    assert_eq!(status(&stack, second).await.as_deref(), Some("blocked"));
+    // A running or finished task cannot be blocked.
+    let (ok, out) = mhv(&stack, &config, &["tasks", "block", &first.to_string()]).await;
+    assert!(!ok && out.contains("MHV-104"), "{out}");
+
+    let (ok, out) = mhv(
+        &stack,
+        &config,
+        &["tasks", "assign", &id, "--user", "system"],
+    )
+    .await;
+    assert!(ok, "{out}");
+    let (ok, out) = mhv(
+        &stack,
+        &config,
+        &["tasks", "assign", &id, "--user", "nobody"],
+    )
+    .await;
+    assert!(!ok && out.contains("MHV-003"), "{out}");
+    let (ok, out) = mhv(&stack, &config, &["tasks", "unblock", &id]).await;
+    assert!(ok, "{out}");
+    wait_status(&stack, second, "completed", Duration::from_secs(20)).await;
+    let ev: Vec<String> = events(&stack, second)
+        .await
+        .into_iter()
+        .map(|e| e.0)
+        .collect();
+    let pos = |e: &str| ev.iter().position(|x| x == e).unwrap_or(usize::MAX);
+    assert!(
+        pos("task_blocked") < pos("task_assigned")
+            && pos("task_assigned") < pos("task_unblocked")
+            && pos("task_unblocked") < pos("task_started")
+            && pos("task_started") < pos("task_completed")
+            && ev.contains(&"task_completed".to_owned()),
+        "{ev:?}"
+    );
+    let (ok, out) = mhv(&stack, &config, &["tasks", "runs", &id]).await;
+    assert!(ok && out.contains("attempt 1: succeeded"), "{out}");
+}

@@ -27,6 +27,30 @@ pub enum TasksCommand {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Block a pending or queued task: it does not start until unblocked (audited).
+    Block {
+        /// Task id.
+        id: Uuid,
+        /// Why (recorded in the audit log).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Unblock a task: back to queued, and run if it has an action (audited).
+    Unblock {
+        /// Task id.
+        id: Uuid,
+    },
+    /// Assign a task to a user (by username), or unassign it with --none (audited).
+    Assign {
+        /// Task id.
+        id: Uuid,
+        /// Username.
+        #[arg(long, conflicts_with = "none", required_unless_present = "none")]
+        user: Option<String>,
+        /// Remove the assignment.
+        #[arg(long)]
+        none: bool,
+    },
     /// Show a task's status, its attempts and its saga log.
     Runs {
         /// Task id.
@@ -67,6 +91,30 @@ pub async fn run(s: Settings, cmd: TasksCommand) -> anyhow::Result<()> {
                     println!("task {id} was already queued; its execution request was sent again");
                 }
                 Ok(RetryOutcome::AlreadyReplayed(st)) => println!("task {id} is {}", st.as_str()),
+                Err(control::ControlError(e)) => anyhow::bail!("{}: {}", e.code, e.message),
+            }
+        }
+        TasksCommand::Block { id, reason } => {
+            match control::block(&pool, id, &cli_actor(), reason.as_deref()).await {
+                Ok(prev) => println!("task {id} blocked (it was {})", prev.as_str()),
+                Err(control::ControlError(e)) => anyhow::bail!("{}: {}", e.code, e.message),
+            }
+        }
+        TasksCommand::Unblock { id } => {
+            let nats = topology::connect(&s.nats.url, "mhv-cli").await?;
+            let js = async_nats::jetstream::new(nats);
+            topology::ensure_exec_stream_exists(&js, &s).await?;
+            match control::unblock(&pool, &js, &s, id, &cli_actor()).await {
+                Ok(()) => println!("task {id} unblocked (queued)"),
+                Err(control::ControlError(e)) => anyhow::bail!("{}: {}", e.code, e.message),
+            }
+        }
+        TasksCommand::Assign { id, user, none: _ } => {
+            match control::assign(&pool, id, user.as_deref(), &cli_actor()).await {
+                Ok(()) => println!(
+                    "task {id} {}",
+                    user.map_or("unassigned".into(), |u| format!("assigned to {u}"))
+                ),
                 Err(control::ControlError(e)) => anyhow::bail!("{}: {}", e.code, e.message),
             }
         }

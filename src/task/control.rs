@@ -225,6 +225,98 @@ pub async fn retry(
     Ok(outcome)
 }
 
+/// Blocks a pending or queued task: it will not start until unblocked (its execution request,
+/// if any, is acked without running it). A running task cannot be blocked (cancel it instead).
+pub async fn block(
+    pool: &sqlx::PgPool,
+    id: Uuid,
+    actor: &str,
+    reason: Option<&str>,
+) -> Result<Status, ControlError> {
+    let mut tx = pool.begin().await.map_err(|e| db_error(&e))?;
+    let prev = lifecycle::apply(
+        &mut tx,
+        id,
+        Transition::Block,
+        actor,
+        json!({"reason": reason}),
+    )
+    .await
+    .map_err(|e| refused(e, id))?;
+    tx.commit().await.map_err(|e| db_error(&e))?;
+    Ok(prev)
+}
+
+/// Unblocks a task (back to `queued`) and, if it has something to run, requests its execution.
+pub async fn unblock(
+    pool: &sqlx::PgPool,
+    js: &async_nats::jetstream::Context,
+    settings: &crate::config::Settings,
+    id: Uuid,
+    actor: &str,
+) -> Result<(), ControlError> {
+    let mut tx = pool.begin().await.map_err(|e| db_error(&e))?;
+    lifecycle::apply(&mut tx, id, Transition::Unblock, actor, json!({}))
+        .await
+        .map_err(|e| refused(e, id))?;
+    let (repository, metadata, unblocks): (String, sqlx::types::Json<serde_json::Value>, i64) =
+        sqlx::query_as(
+            "SELECT repository, metadata,
+                    (SELECT count(*) FROM task_audit_log WHERE task_id = $1 AND event = 'task_unblocked')
+             FROM tasks WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| db_error(&e))?;
+    tx.commit().await.map_err(|e| db_error(&e))?;
+    let runs = crate::registry::resolve(
+        &settings.repositories,
+        &repository,
+        crate::registry::requested_action(&metadata.0),
+    );
+    if matches!(runs, Ok(Some(_))) {
+        request_execution(js, &repository, id, &format!("exec:{id}:unblock:{unblocks}"))
+            .await
+            .map_err(|e| {
+                ControlError::new(
+                    ErrorCode::BrokerUnavailable,
+                    format!("task {id} is queued but its execution request was not confirmed ({e}); run `mhv tasks retry {id}`"),
+                )
+            })?;
+    }
+    Ok(())
+}
+
+/// Assigns a task to a user by username, or unassigns it (`None`); audited as `task_assigned`.
+pub async fn assign(
+    pool: &sqlx::PgPool,
+    id: Uuid,
+    username: Option<&str>,
+    actor: &str,
+) -> Result<(), ControlError> {
+    let mut tx = pool.begin().await.map_err(|e| db_error(&e))?;
+    let user = match username {
+        None => None,
+        Some(name) => {
+            let u: Option<Uuid> =
+                sqlx::query_scalar("SELECT id FROM users WHERE username = $1 AND is_active")
+                    .bind(name)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(|e| db_error(&e))?;
+            Some(u.ok_or_else(|| {
+                ControlError::new(ErrorCode::Validation, format!("no active user {name:?}"))
+            })?)
+        }
+    };
+    lifecycle::assign(&mut tx, id, user, actor)
+        .await
+        .map_err(|e| refused(e, id))?;
+    tx.commit().await.map_err(|e| db_error(&e))?;
+    Ok(())
+}
+
 /// What [`retry`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetryOutcome {
