@@ -95,13 +95,27 @@ fn configure(s: &mut Settings, path: &Path, worktrees: &Path, repos: Vec<Repo>) 
     }
 }
 
-fn one(actions: Vec<(&'static str, Action)>) -> Vec<Repo> {
+/// A stack whose registry holds `repos`, all backed by one git repository made in `tmp` (its
+/// worktrees under `tmp/worktrees`), with `workers` in-process workers.
+async fn exec_stack(tmp: &Path, repos: Vec<Repo>, workers: usize) -> (TestStack, PathBuf) {
+    let repo = make_repo(tmp);
+    let wt = tmp.join("worktrees");
+    let stack = TestStack::start(|s| configure(s, &repo, &wt, repos), workers).await;
+    (stack, repo)
+}
+
+/// Repository `app` with a fleet-wide limit and no gates.
+fn limited(limit: u32, actions: Vec<(&'static str, Action)>) -> Vec<Repo> {
     vec![Repo {
         name: "app",
-        limit: 0,
+        limit,
         actions,
         gates: vec![],
     }]
+}
+
+fn one(actions: Vec<(&'static str, Action)>) -> Vec<Repo> {
+    limited(0, actions)
 }
 
 async fn submit(stack: &TestStack, repository: &str, action: &str) -> Uuid {
@@ -259,56 +273,17 @@ async fn wait_exec_drained(stack: &TestStack) {
     }
 }
 
-async fn mhv(stack: &TestStack, config: &Path, args: &[&str]) -> (bool, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mhv"))
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .env("MHV_DATABASE__URL", &stack.db.url)
-        .env("RUST_LOG", "warn")
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 #[tokio::test]
 async fn a_successful_action_completes_with_its_output_recorded_and_its_worktree_removed() {
     let tmp = tempfile::tempdir().unwrap();
-    let repo = make_repo(tmp.path());
-    let wt = tmp.path().join("worktrees");
-    let stack = TestStack::start(
-        |s| {
-            configure(
-                s,
-                &repo,
-                &wt,
-                vec![Repo {
-                    name: "app",
-                    limit: 0,
-                    actions: vec![(
-                        "ok",
-                        sh(
-                            "echo hello from $MHV_TASK_ID attempt $MHV_ATTEMPT; cat README.md; echo careful >&2; touch made-here",
-                            30,
-                            3,
-                            &[],
-                        ),
-                    )],
-                    gates: vec![("readme", "test -f README.md && test -f made-here")],
-                }],
-            )
-        },
-        1,
-    )
-    .await;
+    let script = "echo hello from $MHV_TASK_ID attempt $MHV_ATTEMPT; cat README.md; echo careful >&2; touch made-here";
+    let repos = vec![Repo {
+        name: "app",
+        limit: 0,
+        actions: vec![("ok", sh(script, 30, 3, &[]))],
+        gates: vec![("readme", "test -f README.md && test -f made-here")],
+    }];
+    let (stack, repo) = exec_stack(tmp.path(), repos, 1).await;
     let id = submit(&stack, "app", "ok").await;
     wait_status(&stack, id, "completed", Duration::from_secs(30)).await;
 
@@ -323,7 +298,10 @@ async fn a_successful_action_completes_with_its_output_recorded_and_its_worktree
     assert!(run.duration_ms.is_some());
     // The worktree is gone, from disk and from git's list.
     let path = run.worktree.clone().unwrap();
-    assert!(path.starts_with(&*wt.to_string_lossy()), "{path}");
+    assert!(
+        path.starts_with(&*tmp.path().join("worktrees").to_string_lossy()),
+        "{path}"
+    );
     assert!(!Path::new(&path).exists(), "worktree {path} left behind");
     let list = std::process::Command::new("git")
         .arg("-C")
@@ -377,20 +355,12 @@ async fn a_successful_action_completes_with_its_output_recorded_and_its_worktree
 #[tokio::test]
 async fn a_failing_action_is_retried_with_growing_delays_then_dead_lettered() {
     let tmp = tempfile::tempdir().unwrap();
-    let repo = make_repo(tmp.path());
-    let wt = tmp.path().join("worktrees");
-    let stack = TestStack::start(
-        |s| {
-            configure(
-                s,
-                &repo,
-                &wt,
-                one(vec![
-                    ("flaky", sh("echo boom >&2; exit 3", 30, 4, &[3])),
-                    ("broken", sh("echo nope >&2; exit 2", 30, 4, &[3])),
-                ]),
-            )
-        },
+    let (stack, _) = exec_stack(
+        tmp.path(),
+        one(vec![
+            ("flaky", sh("echo boom >&2; exit 3", 30, 4, &[3])),
+            ("broken", sh("echo nope >&2; exit 2", 30, 4, &[3])),
+        ]),
         1,
     )
     .await;
@@ -456,25 +426,21 @@ async fn a_failing_action_is_retried_with_growing_delays_then_dead_lettered() {
     assert_eq!(n, 1);
     wait_exec_drained(&stack).await;
     // Every attempt's worktree was removed, after failures too.
-    let left = std::fs::read_dir(wt.join("app")).unwrap().count();
+    let left = std::fs::read_dir(tmp.path().join("worktrees/app"))
+        .unwrap()
+        .count();
     assert_eq!(left, 0, "worktrees left behind");
 }
 
 #[tokio::test]
 async fn a_hanging_action_is_killed_with_its_children_at_its_timeout_and_retried() {
     let tmp = tempfile::tempdir().unwrap();
-    let repo = make_repo(tmp.path());
-    let wt = tmp.path().join("worktrees");
     let pid_file = tmp.path().join("pids");
     let script = format!(
         "sleep 300 & echo $! >> {p}; sleep 300 & echo $! >> {p}; echo $$ >> {p}; wait",
         p = pid_file.display()
     );
-    let stack = TestStack::start(
-        |s| configure(s, &repo, &wt, one(vec![("hang", sh(&script, 1, 2, &[]))])),
-        1,
-    )
-    .await;
+    let (stack, _) = exec_stack(tmp.path(), one(vec![("hang", sh(&script, 1, 2, &[]))]), 1).await;
     let id = submit(&stack, "app", "hang").await;
     wait_status(&stack, id, "failed", Duration::from_secs(30)).await;
 
@@ -501,15 +467,10 @@ async fn a_hanging_action_is_killed_with_its_children_at_its_timeout_and_retried
 #[tokio::test]
 async fn a_worker_killed_mid_run_is_taken_over_and_the_task_completes_exactly_once() {
     let tmp = tempfile::tempdir().unwrap();
-    let repo = make_repo(tmp.path());
-    let wt = tmp.path().join("worktrees");
     let effects = tmp.path().join("effects");
     let script = format!("sleep 4; echo done $MHV_ATTEMPT >> {}", effects.display());
-    let mut stack = TestStack::start(
-        |s| configure(s, &repo, &wt, one(vec![("slow", sh(&script, 60, 3, &[]))])),
-        0,
-    )
-    .await;
+    let (mut stack, _) =
+        exec_stack(tmp.path(), one(vec![("slow", sh(&script, 60, 3, &[]))]), 0).await;
     let mut a = stack.spawn_worker_process();
     let id = submit(&stack, "app", "slow").await;
     let pgid = wait_command_started(&stack, id, 1).await;
@@ -558,15 +519,10 @@ async fn a_worker_killed_mid_run_is_taken_over_and_the_task_completes_exactly_on
 #[tokio::test]
 async fn a_worker_paused_past_the_ack_wait_neither_completes_twice_nor_loses_the_task() {
     let tmp = tempfile::tempdir().unwrap();
-    let repo = make_repo(tmp.path());
-    let wt = tmp.path().join("worktrees");
     let effects = tmp.path().join("effects");
     let script = format!("sleep 5; echo done $MHV_ATTEMPT >> {}", effects.display());
-    let mut stack = TestStack::start(
-        |s| configure(s, &repo, &wt, one(vec![("slow", sh(&script, 60, 3, &[]))])),
-        0,
-    )
-    .await;
+    let (mut stack, _) =
+        exec_stack(tmp.path(), one(vec![("slow", sh(&script, 60, 3, &[]))]), 0).await;
     let a = stack.spawn_worker_process();
     let id = submit(&stack, "app", "slow").await;
     wait_command_started(&stack, id, 1).await;
@@ -623,27 +579,14 @@ async fn a_worker_paused_past_the_ack_wait_neither_completes_twice_nor_loses_the
 async fn cancelling_a_running_task_kills_its_tree_within_two_seconds_and_a_queued_one_never_starts()
 {
     let tmp = tempfile::tempdir().unwrap();
-    let repo = make_repo(tmp.path());
-    let wt = tmp.path().join("worktrees");
     let pid_file = tmp.path().join("pids");
     let script = format!(
         "trap '' TERM; sleep 300 & echo $! >> {p}; sleep 300 & echo $! >> {p}; echo $$ >> {p}; wait",
         p = pid_file.display()
     );
-    let stack = TestStack::start(
-        |s| {
-            configure(
-                s,
-                &repo,
-                &wt,
-                vec![Repo {
-                    name: "app",
-                    limit: 1,
-                    actions: vec![("long", sh(&script, 600, 1, &[]))],
-                    gates: vec![],
-                }],
-            )
-        },
+    let (stack, _) = exec_stack(
+        tmp.path(),
+        limited(1, vec![("long", sh(&script, 600, 1, &[]))]),
         1,
     )
     .await;
@@ -659,18 +602,18 @@ async fn cancelling_a_running_task_kills_its_tree_within_two_seconds_and_a_queue
 
     // The queued one, from the CLI.
     let config = stack.settings_file();
-    let (ok, out) = mhv(
-        &stack,
-        &config,
-        &[
-            "tasks",
-            "cancel",
-            &queued.to_string(),
-            "--reason",
-            "not needed",
-        ],
-    )
-    .await;
+    let (ok, out) = stack
+        .mhv(
+            &config,
+            &[
+                "tasks",
+                "cancel",
+                &queued.to_string(),
+                "--reason",
+                "not needed",
+            ],
+        )
+        .await;
     assert!(ok, "{out}");
     assert!(out.contains("cancelled (it was queued)"), "{out}");
 
@@ -760,8 +703,6 @@ async fn cancelling_a_running_task_kills_its_tree_within_two_seconds_and_a_queue
 #[tokio::test]
 async fn replaying_a_repaired_dead_letter_twice_yields_exactly_one_run() {
     let tmp = tempfile::tempdir().unwrap();
-    let repo = make_repo(tmp.path());
-    let wt = tmp.path().join("worktrees");
     let repaired = tmp.path().join("repaired");
     let effects = tmp.path().join("effects");
     let script = format!(
@@ -769,15 +710,9 @@ async fn replaying_a_repaired_dead_letter_twice_yields_exactly_one_run() {
         repaired.display(),
         effects.display()
     );
-    let stack = TestStack::start(
-        |s| {
-            configure(
-                s,
-                &repo,
-                &wt,
-                one(vec![("fix-me", sh(&script, 30, 1, &[]))]),
-            )
-        },
+    let (stack, _) = exec_stack(
+        tmp.path(),
+        one(vec![("fix-me", sh(&script, 30, 1, &[]))]),
         1,
     )
     .await;
@@ -789,24 +724,24 @@ async fn replaying_a_repaired_dead_letter_twice_yields_exactly_one_run() {
         .await
         .unwrap();
     let config = stack.settings_file();
-    let (ok, out) = mhv(&stack, &config, &["dlq", "list"]).await;
+    let (ok, out) = stack.mhv(&config, &["dlq", "list"]).await;
     assert!(
         ok && out.contains(&format!("task {id}")) && out.contains("MHV-204"),
         "{out}"
     );
-    let (ok, out) = mhv(&stack, &config, &["dlq", "show", &dl.to_string()]).await;
+    let (ok, out) = stack.mhv(&config, &["dlq", "show", &dl.to_string()]).await;
     assert!(ok && out.contains("exited with 1"), "{out}");
 
     std::fs::write(&repaired, "").unwrap();
     let dl = dl.to_string();
-    let (ok1, out1) = mhv(&stack, &config, &["dlq", "replay", &dl]).await;
-    let (ok2, out2) = mhv(&stack, &config, &["dlq", "replay", &dl]).await;
+    let (ok1, out1) = stack.mhv(&config, &["dlq", "replay", &dl]).await;
+    let (ok2, out2) = stack.mhv(&config, &["dlq", "replay", &dl]).await;
     assert!(ok1 && ok2, "{out1}\n{out2}");
     assert!(out1.contains("queued again"), "{out1}");
     assert!(out2.contains("replayed already"), "{out2}");
     wait_status(&stack, id, "completed", Duration::from_secs(20)).await;
     // A third, after it completed, does nothing either.
-    let (ok3, out3) = mhv(&stack, &config, &["dlq", "replay", &dl]).await;
+    let (ok3, out3) = stack.mhv(&config, &["dlq", "replay", &dl]).await;
     assert!(ok3 && out3.contains("nothing done"), "{out3}");
     tokio::time::sleep(Duration::from_secs(2)).await;
 
@@ -820,7 +755,7 @@ async fn replaying_a_repaired_dead_letter_twice_yields_exactly_one_run() {
         .filter(|e| e.0 == "task_retried")
         .count();
     assert_eq!(retried, 1);
-    let (ok, out) = mhv(&stack, &config, &["dlq", "list"]).await;
+    let (ok, out) = stack.mhv(&config, &["dlq", "list"]).await;
     assert!(ok && !out.contains(&format!("task {id}")), "{out}");
     wait_exec_drained(&stack).await;
 }
@@ -853,8 +788,6 @@ fn max_overlap(iv: &[(String, u128, u128)]) -> usize {
 #[tokio::test]
 async fn a_per_repository_limit_of_one_holds_across_two_worker_replicas() {
     let tmp = tempfile::tempdir().unwrap();
-    let repo = make_repo(tmp.path());
-    let wt = tmp.path().join("worktrees");
     let serial_log = tmp.path().join("serial.log");
     let free_log = tmp.path().join("free.log");
     let script = |log: &Path| {
@@ -864,29 +797,22 @@ async fn a_per_repository_limit_of_one_holds_across_two_worker_replicas() {
         )
     };
     let (serial, free) = (script(&serial_log), script(&free_log));
-    let stack = TestStack::start(
-        |s| {
-            s.execution.max_concurrent = 2;
-            configure(
-                s,
-                &repo,
-                &wt,
-                vec![
-                    Repo {
-                        name: "serial",
-                        limit: 1,
-                        actions: vec![("go", sh(&serial, 30, 1, &[]))],
-                        gates: vec![],
-                    },
-                    Repo {
-                        name: "free",
-                        limit: 0,
-                        actions: vec![("go", sh(&free, 30, 1, &[]))],
-                        gates: vec![],
-                    },
-                ],
-            )
-        },
+    let (stack, _) = exec_stack(
+        tmp.path(),
+        vec![
+            Repo {
+                name: "serial",
+                limit: 1,
+                actions: vec![("go", sh(&serial, 30, 1, &[]))],
+                gates: vec![],
+            },
+            Repo {
+                name: "free",
+                limit: 0,
+                actions: vec![("go", sh(&free, 30, 1, &[]))],
+                gates: vec![],
+            },
+        ],
         2,
     )
     .await;
@@ -988,17 +914,9 @@ async fn tasks_naming_what_the_registry_lacks_are_refused_with_their_codes() {
 #[tokio::test]
 async fn cancelling_a_task_whose_worker_died_cleans_up_its_orphaned_command_and_worktree() {
     let tmp = tempfile::tempdir().unwrap();
-    let repo = make_repo(tmp.path());
-    let wt = tmp.path().join("worktrees");
-    let mut stack = TestStack::start(
-        |s| {
-            configure(
-                s,
-                &repo,
-                &wt,
-                one(vec![("long", sh("sleep 300", 600, 3, &[]))]),
-            )
-        },
+    let (mut stack, _) = exec_stack(
+        tmp.path(),
+        one(vec![("long", sh("sleep 300", 600, 3, &[]))]),
         0,
     )
     .await;
@@ -1047,22 +965,9 @@ async fn cancelling_a_task_whose_worker_died_cleans_up_its_orphaned_command_and_
 #[tokio::test]
 async fn a_blocked_task_does_not_start_until_unblocked_and_assignment_is_audited() {
     let tmp = tempfile::tempdir().unwrap();
-    let repo = make_repo(tmp.path());
-    let wt = tmp.path().join("worktrees");
-    let stack = TestStack::start(
-        |s| {
-            configure(
-                s,
-                &repo,
-                &wt,
-                vec![Repo {
-                    name: "app",
-                    limit: 1,
-                    actions: vec![("nap", sh("sleep 1", 30, 1, &[]))],
-                    gates: vec![],
-                }],
-            )
-        },
+    let (stack, _) = exec_stack(
+        tmp.path(),
+        limited(1, vec![("nap", sh("sleep 1", 30, 1, &[]))]),
         1,
     )
     .await;
@@ -1072,36 +977,32 @@ async fn a_blocked_task_does_not_start_until_unblocked_and_assignment_is_audited
     let second = submit(&stack, "app", "nap").await;
     let config = stack.settings_file();
     let id = second.to_string();
-    let (ok, out) = mhv(
-        &stack,
-        &config,
-        &["tasks", "block", &id, "--reason", "waiting on QA"],
-    )
-    .await;
+    let (ok, out) = stack
+        .mhv(
+            &config,
+            &["tasks", "block", &id, "--reason", "waiting on QA"],
+        )
+        .await;
     assert!(ok && out.contains("blocked (it was queued)"), "{out}");
     wait_status(&stack, first, "completed", Duration::from_secs(20)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(runs(&stack, second).await.is_empty(), "a blocked task ran");
     assert_eq!(status(&stack, second).await.as_deref(), Some("blocked"));
     // A running or finished task cannot be blocked.
-    let (ok, out) = mhv(&stack, &config, &["tasks", "block", &first.to_string()]).await;
+    let (ok, out) = stack
+        .mhv(&config, &["tasks", "block", &first.to_string()])
+        .await;
     assert!(!ok && out.contains("MHV-104"), "{out}");
 
-    let (ok, out) = mhv(
-        &stack,
-        &config,
-        &["tasks", "assign", &id, "--user", "system"],
-    )
-    .await;
+    let (ok, out) = stack
+        .mhv(&config, &["tasks", "assign", &id, "--user", "system"])
+        .await;
     assert!(ok, "{out}");
-    let (ok, out) = mhv(
-        &stack,
-        &config,
-        &["tasks", "assign", &id, "--user", "nobody"],
-    )
-    .await;
+    let (ok, out) = stack
+        .mhv(&config, &["tasks", "assign", &id, "--user", "nobody"])
+        .await;
     assert!(!ok && out.contains("MHV-003"), "{out}");
-    let (ok, out) = mhv(&stack, &config, &["tasks", "unblock", &id]).await;
+    let (ok, out) = stack.mhv(&config, &["tasks", "unblock", &id]).await;
     assert!(ok, "{out}");
     wait_status(&stack, second, "completed", Duration::from_secs(20)).await;
     let ev: Vec<String> = events(&stack, second)
@@ -1118,6 +1019,6 @@ async fn a_blocked_task_does_not_start_until_unblocked_and_assignment_is_audited
             && ev.contains(&"task_completed".to_owned()),
         "{ev:?}"
     );
-    let (ok, out) = mhv(&stack, &config, &["tasks", "runs", &id]).await;
+    let (ok, out) = stack.mhv(&config, &["tasks", "runs", &id]).await;
     assert!(ok && out.contains("attempt 1: succeeded"), "{out}");
 }

@@ -76,35 +76,20 @@ async fn a_message_past_max_deliver_is_dead_lettered_from_its_advisory_and_repla
         .await
         .unwrap();
     let config = stack.settings_file();
-    let replay = || async {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_mhv"))
-            .arg("--config")
-            .arg(&config)
-            .args(["dlq", "replay", &id.to_string()])
-            .env("MHV_DATABASE__URL", &stack.db.url)
-            .output()
-            .await
-            .unwrap()
-    };
+    let id = id.to_string();
+    let args = ["dlq", "replay", id.as_str()];
+    let replay = || stack.mhv(&config, &args);
     // Inside JetStream's duplicate window the id is still remembered: the replay says so.
     if published.elapsed() + Duration::from_millis(500) < WINDOW {
-        let out = replay().await;
-        let text = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(
-            !out.status.success() && text.contains("duplicate_window"),
-            "{text}"
-        );
+        let (ok, text) = replay().await;
+        assert!(!ok && text.contains("duplicate_window"), "{text}");
     }
     // Past the window: replayed twice, one task (the second is inside the replay's window).
     tokio::time::sleep(WINDOW.saturating_sub(published.elapsed()) + Duration::from_millis(500))
         .await;
     for _ in 0..2 {
-        let out = replay().await;
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (ok, text) = replay().await;
+        assert!(ok, "{text}");
     }
     let n = stack
         .wait_count(

@@ -317,6 +317,28 @@ impl TestStack {
         }
     }
 
+    /// Runs `mhv --config <config> <args>` against this stack's database; returns whether it
+    /// succeeded and its stdout and stderr. Async: in-process workers keep running meanwhile.
+    pub async fn mhv(&self, config: &std::path::Path, args: &[&str]) -> (bool, String) {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mhv"))
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .env("MHV_DATABASE__URL", &self.db.url)
+            .env("RUST_LOG", "warn")
+            .output()
+            .await
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
     /// A NATS client for publishing straight to the subject.
     pub async fn nats_client(&self) -> async_nats::Client {
         async_nats::connect(self.nats.url()).await.unwrap()
