@@ -18,6 +18,8 @@ pub enum Reply<T> {
 
 /// Reply to `mhv.api.tasks.get`.
 pub type TaskReply = Reply<Task>;
+/// Reply to `mhv.api.tasks.runs`.
+pub type RunsReply = Reply<Vec<crate::task::TaskRun>>;
 /// Reply to `mhv.api.tasks.audit`.
 pub type AuditReply = Reply<Vec<AuditEntry>>;
 

@@ -36,6 +36,8 @@ pub const READ_SERVICE_NAME: &str = "mhv-tasks";
 pub const READ_QUEUE_GROUP: &str = "mhv-workers";
 /// Request subject: get one task by id (payload: the id as text).
 pub const SUBJECT_READ_TASK: &str = "mhv.api.tasks.get";
+/// Request subject: execution attempts of one task (payload: the id as text).
+pub const SUBJECT_READ_RUNS: &str = "mhv.api.tasks.runs";
 /// Request subject: audit log of one task (payload: the id as text).
 pub const SUBJECT_READ_AUDIT: &str = "mhv.api.tasks.audit";
 

@@ -296,6 +296,21 @@ async fn a_successful_action_completes_with_its_output_recorded_and_its_worktree
     assert!(out.contains("the readme"), "{out}");
     assert!(run.stderr_tail.as_deref().unwrap().contains("careful"));
     assert!(run.duration_ms.is_some());
+    // The same over HTTP.
+    let api = stack.get(&format!("/v1/tasks/{id}/runs")).await;
+    assert_eq!(api.status(), 200);
+    let api: Value = api.json().await.unwrap();
+    assert_eq!(api.as_array().unwrap().len(), 1, "{api}");
+    assert_eq!(api[0]["state"], "succeeded");
+    assert_eq!(api[0]["exit_code"], 0);
+    assert!(api[0]["stdout_tail"]
+        .as_str()
+        .unwrap()
+        .contains("hello from"));
+    let missing = stack
+        .get(&format!("/v1/tasks/{}/runs", Uuid::new_v4()))
+        .await;
+    assert_eq!(missing.status(), 404);
     // The worktree is gone, from disk and from git's list.
     let path = run.worktree.clone().unwrap();
     assert!(

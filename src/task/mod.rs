@@ -181,6 +181,38 @@ pub struct Task {
     pub updated_at: DateTime<Utc>,
 }
 
+/// One execution attempt, as the read API returns it (`GET /v1/tasks/{id}/runs`). Output tails
+/// are capped (`execution.output_tail_bytes`) and secret-looking environment values redacted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct TaskRun {
+    /// 1, 2, … (an attempt taken over from a dead worker counts).
+    pub attempt: i32,
+    /// running, succeeded, failed, timed_out, gate_failed, cancelled, abandoned, interrupted.
+    pub state: String,
+    /// The worker that ran it.
+    pub worker_id: String,
+    /// The action.
+    pub action: String,
+    /// Exit code, when the command exited by itself.
+    pub exit_code: Option<i32>,
+    /// Signal, when one ended it (not ours).
+    pub signal: Option<i32>,
+    /// Wall-clock duration of the command.
+    pub duration_ms: Option<i64>,
+    /// The end of stdout.
+    pub stdout_tail: Option<String>,
+    /// The end of stderr.
+    pub stderr_tail: Option<String>,
+    /// Why it failed (`MHV-2xx`).
+    pub error_code: Option<String>,
+    /// Why it failed, in words.
+    pub error: Option<String>,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// When it ended.
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
 /// One audit-log entry, as the read API returns it. Sensitive fields are already redacted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditEntry {

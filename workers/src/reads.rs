@@ -32,6 +32,10 @@ pub async fn serve(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::Result
         .endpoint(topology::SUBJECT_READ_AUDIT)
         .await
         .map_err(|e| anyhow::anyhow!("adding endpoint: {e}"))?;
+    let mut runs = service
+        .endpoint(topology::SUBJECT_READ_RUNS)
+        .await
+        .map_err(|e| anyhow::anyhow!("adding endpoint: {e}"))?;
     let mut cancel = service
         .endpoint(topology::SUBJECT_TASK_CANCEL)
         .await
@@ -62,6 +66,15 @@ pub async fn serve(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::Result
                     let Ok(_permit) = permits.acquire_owned().await else { return };
                     let reply = get_audit(&ctx, &req.message.payload).await;
                     respond(&ctx, "audit", req, &reply).await;
+                });
+            }
+            Some(req) = runs.next() => {
+                let ctx = ctx.clone();
+                let permits = permits.clone();
+                tokio::spawn(async move {
+                    let Ok(_permit) = permits.acquire_owned().await else { return };
+                    let reply = get_runs(&ctx, &req.message.payload).await;
+                    respond(&ctx, "runs", req, &reply).await;
                 });
             }
             Some(req) = cancel.next() => {
@@ -129,6 +142,44 @@ pub async fn cancel_task(ctx: &Ctx, payload: &[u8]) -> Reply<mahavishnu::read_ap
             },
         }),
         Err(control::ControlError(body)) => Reply::Error(body),
+    }
+}
+
+/// The task id of a read request, once the task is known to exist (MHV-100 otherwise).
+async fn existing_task(ctx: &Ctx, payload: &[u8]) -> Result<Uuid, ErrorBody> {
+    let id = parse_id(payload)?;
+    let exists = sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM tasks WHERE id = $1)")
+        .bind(id)
+        .fetch_one(&ctx.pool)
+        .await
+        .map_err(|e| db_error(&e))?;
+    if exists {
+        Ok(id)
+    } else {
+        Err(ErrorBody::new(
+            ErrorCode::TaskNotFound,
+            format!("no task {id}"),
+        ))
+    }
+}
+
+/// The execution attempts of one task, oldest first.
+pub async fn get_runs(ctx: &Ctx, payload: &[u8]) -> Reply<Vec<mahavishnu::task::TaskRun>> {
+    let id = match existing_task(ctx, payload).await {
+        Ok(id) => id,
+        Err(e) => return Reply::Error(e),
+    };
+    let rows = sqlx::query_as::<_, mahavishnu::task::TaskRun>(
+        "SELECT attempt, state, worker_id, action, exit_code, signal, duration_ms, stdout_tail,
+                stderr_tail, error_code, error, started_at, finished_at
+         FROM task_runs WHERE task_id = $1 ORDER BY attempt LIMIT 1000",
+    )
+    .bind(id)
+    .fetch_all(&ctx.pool)
+    .await;
+    match rows {
+        Ok(r) => Reply::Ok(r),
+        Err(e) => Reply::Error(db_error(&e)),
     }
 }
 
@@ -206,24 +257,10 @@ pub async fn get_task(ctx: &Ctx, payload: &[u8]) -> Reply<Task> {
 
 /// Loads a task's audit log (404 when the task does not exist).
 pub async fn get_audit(ctx: &Ctx, payload: &[u8]) -> Reply<Vec<AuditEntry>> {
-    let id = match parse_id(payload) {
+    let id = match existing_task(ctx, payload).await {
         Ok(id) => id,
         Err(e) => return Reply::Error(e),
     };
-    let exists = sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM tasks WHERE id = $1)")
-        .bind(id)
-        .fetch_one(&ctx.pool)
-        .await;
-    match exists {
-        Err(e) => return Reply::Error(db_error(&e)),
-        Ok(false) => {
-            return Reply::Error(ErrorBody::new(
-                ErrorCode::TaskNotFound,
-                format!("no task {id}"),
-            ))
-        }
-        Ok(true) => {}
-    }
     let rows = sqlx::query_as::<
         _,
         (

@@ -21,6 +21,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tasks", post(tasks::create))
         .route("/v1/tasks/{id}", get(tasks::get))
         .route("/v1/tasks/{id}/audit", get(tasks::audit))
+        .route("/v1/tasks/{id}/runs", get(tasks::runs))
         .route("/v1/tasks/{id}/cancel", post(tasks::cancel))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()

@@ -228,6 +228,20 @@ pub async fn audit(
     .await
 }
 
+/// `GET /v1/tasks/{id}/runs`: the task's execution attempts, oldest first.
+pub async fn runs(
+    State(state): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(id)?;
+    read::<Vec<mahavishnu::task::TaskRun>>(
+        &state,
+        topology::SUBJECT_READ_RUNS,
+        id.to_string().into(),
+    )
+    .await
+}
+
 /// Optional body of `POST /v1/tasks/{id}/cancel`.
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
