@@ -86,6 +86,14 @@ fn refused(e: TransitionError, id: Uuid) -> ControlError {
     }
 }
 
+/// A task made `queued` whose execution request JetStream did not confirm.
+fn unconfirmed(id: Uuid, e: &async_nats::Error, then: &str) -> ControlError {
+    ControlError::new(
+        ErrorCode::BrokerUnavailable,
+        format!("task {id} is queued but its execution request was not confirmed ({e}); {then}"),
+    )
+}
+
 /// What [`cancel`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cancelled {
@@ -121,8 +129,9 @@ pub async fn cancel(
     Ok(outcome)
 }
 
-/// Puts a failed task back on the queue with a fresh attempt budget (`mhv tasks retry`), then
-/// requests its execution. `msg_id` keys the request (derive it from what asked for the retry).
+/// Puts a failed task back on the queue with a fresh attempt budget (`mhv tasks retry`, or
+/// `mhv dlq replay` of its dead letter `dead_letter`, marked replayed in the same transaction),
+/// then requests its execution under a key derived from what asked for it.
 pub async fn retry(
     pool: &sqlx::PgPool,
     js: &async_nats::jetstream::Context,
@@ -216,12 +225,7 @@ pub async fn retry(
     };
     request_execution(js, &repository, id, &msg_id)
         .await
-        .map_err(|e| {
-            ControlError::new(
-                ErrorCode::BrokerUnavailable,
-                format!("task {id} is queued but its execution request was not confirmed ({e}); run the same command again"),
-            )
-        })?;
+        .map_err(|e| unconfirmed(id, &e, "run the same command again"))?;
     Ok(outcome)
 }
 
@@ -276,14 +280,14 @@ pub async fn unblock(
         crate::registry::requested_action(&metadata.0),
     );
     if matches!(runs, Ok(Some(_))) {
-        request_execution(js, &repository, id, &format!("exec:{id}:unblock:{unblocks}"))
-            .await
-            .map_err(|e| {
-                ControlError::new(
-                    ErrorCode::BrokerUnavailable,
-                    format!("task {id} is queued but its execution request was not confirmed ({e}); run `mhv tasks retry {id}`"),
-                )
-            })?;
+        request_execution(
+            js,
+            &repository,
+            id,
+            &format!("exec:{id}:unblock:{unblocks}"),
+        )
+        .await
+        .map_err(|e| unconfirmed(id, &e, &format!("run `mhv tasks retry {id}`")))?;
     }
     Ok(())
 }

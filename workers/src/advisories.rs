@@ -7,11 +7,11 @@
 //! sequence, writes a `MHV-015` dead letter with its subject, headers and bytes, deletes it
 //! from the task stream, and only then acks the advisory. `mhv dlq replay` publishes it again.
 
+use crate::persist::{self, DeadLetter, Raw};
 use crate::Ctx;
 use async_nats::jetstream::{self, consumer, AckKind};
 use futures::StreamExt;
 use mahavishnu::{topology, ErrorCode};
-use sqlx::types::Json;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -100,23 +100,26 @@ async fn handle(ctx: &Ctx, msg: &jetstream::Message) -> anyhow::Result<()> {
         a.stream_seq,
         original.time.timestamp_nanos_opt().unwrap_or_default()
     );
-    sqlx::query(
-        "INSERT INTO dead_letters (message_key, subject, stream_seq, deliveries, error_code, reason, headers, payload)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (message_key, error_code) DO NOTHING",
-    )
-    .bind(&key)
-    .bind(original.subject.as_str())
-    .bind(i64::try_from(a.stream_seq).unwrap_or(i64::MAX))
-    .bind(i64::try_from(a.deliveries).unwrap_or(i64::MAX))
-    .bind(ErrorCode::DeliveryLimitReached.as_str())
-    .bind(format!(
-        "consumer {} gave up after {} deliveries (nats.consumer.max_deliver); every one failed for a passing reason — see the worker log around that time",
-        a.consumer, a.deliveries
-    ))
-    .bind(Json(headers))
-    .bind(original.payload.to_vec())
-    .execute(&ctx.pool)
-    .await?;
+    let raw = Raw {
+        subject: original.subject.to_string(),
+        headers,
+        payload: original.payload.clone(),
+    };
+    let dead = DeadLetter {
+        key,
+        code: ErrorCode::DeliveryLimitReached,
+        reason: format!(
+            "consumer {} gave up after {} deliveries (nats.consumer.max_deliver); every one failed for a passing reason — see the worker log around that time",
+            a.consumer, a.deliveries
+        ),
+        seq: a.stream_seq,
+        deliveries: i64::try_from(a.deliveries).unwrap_or(i64::MAX),
+        raw: &raw,
+        task_id: None,
+    };
+    let mut conn = ctx.pool.acquire().await?;
+    persist::insert_dead_letters(&mut conn, &[dead]).await?;
+    drop(conn);
     // Recorded: now take it out of the work queue, where nothing would ever deliver it again.
     if let Err(e) = stream.delete_message(a.stream_seq).await {
         // Fine if someone removed it meanwhile; otherwise the advisory is retried (the dead

@@ -67,11 +67,18 @@ impl Ctx {
     }
 }
 
+/// This machine's name (empty if unknown).
+pub(crate) fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
 /// A worker id unique across the fleet and across restarts.
 fn new_worker_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "host".into());
+    let host = Some(host_name())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into());
     let r = uuid::Uuid::new_v4().simple().to_string();
     format!("{host}:{}:{}", std::process::id(), &r[..8])
 }

@@ -88,13 +88,22 @@ pub enum Outcome {
     DeadLettered,
 }
 
-struct DeadLetter<'a> {
-    key: String,
-    code: ErrorCode,
-    reason: String,
-    seq: u64,
-    deliveries: i64,
-    raw: &'a Raw,
+/// A dead letter to write with [`insert_dead_letters`]: every dead letter goes through it.
+pub struct DeadLetter<'a> {
+    /// Ledger key of the message (unique with the code).
+    pub key: String,
+    /// Why, as a code.
+    pub code: ErrorCode,
+    /// Why, in words.
+    pub reason: String,
+    /// Stream sequence.
+    pub seq: u64,
+    /// Deliveries so far.
+    pub deliveries: i64,
+    /// The message as received.
+    pub raw: &'a Raw,
+    /// The task it is about (failed executions).
+    pub task_id: Option<Uuid>,
 }
 
 /// Writes the batch in one transaction and returns one outcome per item, in order.
@@ -128,6 +137,7 @@ pub async fn persist_in(
                     seq: item.stream_seq,
                     deliveries: item.deliveries,
                     raw,
+                    task_id: None,
                 });
             }
         }
@@ -260,6 +270,7 @@ pub async fn persist_in(
                         seq: items[i].stream_seq,
                         deliveries: items[i].deliveries,
                         raw,
+                        task_id: None,
                     });
                 }
             }
@@ -292,13 +303,17 @@ pub async fn dead_letter_one(
             seq: item.stream_seq,
             deliveries: item.deliveries,
             raw,
+            task_id: None,
         }],
     )
     .await?;
     tx.commit().await
 }
 
-async fn insert_dead_letters(
+/// Writes dead letters. A key and code already there is only rewritten if it was replayed since:
+/// a replay that fails again is a dead letter again. Stamped with `clock_timestamp()`, as an
+/// executor's verdict transaction may have begun long before.
+pub async fn insert_dead_letters(
     tx: &mut sqlx::PgConnection,
     dead: &[DeadLetter<'_>],
 ) -> Result<(), sqlx::Error> {
@@ -314,13 +329,15 @@ async fn insert_dead_letters(
     let headers: Vec<Json<&serde_json::Value>> =
         dead.iter().map(|d| Json(&d.raw.headers)).collect();
     let payloads: Vec<&[u8]> = dead.iter().map(|d| d.raw.payload.as_ref()).collect();
+    let tasks: Vec<Option<Uuid>> = dead.iter().map(|d| d.task_id).collect();
     sqlx::query(
-        "INSERT INTO dead_letters (message_key, subject, stream_seq, deliveries, error_code, reason, headers, payload)
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[], $6::text[], $7::jsonb[], $8::bytea[])
+        "INSERT INTO dead_letters (message_key, subject, stream_seq, deliveries, error_code, reason, headers, payload,
+                                   task_id, created_at)
+         SELECT *, clock_timestamp() FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[],
+                                                 $6::text[], $7::jsonb[], $8::bytea[], $9::uuid[])
          ON CONFLICT (message_key, error_code) DO UPDATE
            SET replayed_at = NULL, reason = EXCLUDED.reason, deliveries = EXCLUDED.deliveries,
-               headers = EXCLUDED.headers, payload = EXCLUDED.payload, created_at = now()
-           -- A replay that fails again is a dead letter again (it was marked replayed).
+               headers = EXCLUDED.headers, payload = EXCLUDED.payload, created_at = clock_timestamp()
            WHERE dead_letters.replayed_at IS NOT NULL",
     )
     .bind(&keys)
@@ -331,6 +348,7 @@ async fn insert_dead_letters(
     .bind(&reasons)
     .bind(&headers)
     .bind(&payloads)
+    .bind(&tasks)
     .execute(tx)
     .await?;
     Ok(())

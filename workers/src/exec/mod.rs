@@ -49,16 +49,6 @@ impl Running {
         }
     }
 
-    /// How many tasks run now.
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    /// True when none runs.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, CancellationToken>> {
         // A panic while holding this map cannot leave it inconsistent (single inserts/removes).
         self.0

@@ -19,6 +19,7 @@
 //!    was cut off cannot commit a verdict: the attempt is taken over instead.
 
 use super::{process, worktree};
+use crate::persist::{self, DeadLetter, Raw};
 use crate::Ctx;
 use async_nats::jetstream::{self, AckKind};
 use mahavishnu::error::ErrorCode;
@@ -948,9 +949,7 @@ async fn execute(
 /// This machine's name (saga details; a takeover kills a dead worker's process group only on
 /// the same host).
 fn host() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_default()
+    crate::host_name()
 }
 
 fn tail(s: &str, n: usize) -> &str {
@@ -1080,22 +1079,21 @@ async fn dead_letter_task(
                 .unwrap_or_default()]),
         );
     }
-    sqlx::query(
-        "INSERT INTO dead_letters (message_key, subject, stream_seq, deliveries, error_code, reason, headers, payload, task_id, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, clock_timestamp()) ON CONFLICT (message_key, error_code) DO NOTHING",
-    )
-    .bind(format!("exec:{id}:{attempt}"))
-    .bind(msg.subject.as_str())
-    .bind(info.as_ref().map(|i| i64::try_from(i.stream_sequence).unwrap_or(i64::MAX)))
-    .bind(info.as_ref().map(|i| i.delivered))
-    .bind(code.as_str())
-    .bind(why)
-    .bind(Json(headers))
-    .bind(msg.payload.to_vec())
-    .bind(id)
-    .execute(conn)
-    .await?;
-    Ok(())
+    let raw = Raw {
+        subject: msg.subject.to_string(),
+        headers,
+        payload: msg.payload.clone(),
+    };
+    let dead = DeadLetter {
+        key: format!("exec:{id}:{attempt}"),
+        code,
+        reason: why.to_owned(),
+        seq: info.as_ref().map(|i| i.stream_sequence).unwrap_or(0),
+        deliveries: info.as_ref().map(|i| i.delivered).unwrap_or(1),
+        raw: &raw,
+        task_id: Some(id),
+    };
+    persist::insert_dead_letters(conn, &[dead]).await
 }
 
 /// A request that is not one (only a producer bypassing the gateway can send it).
@@ -1107,19 +1105,24 @@ async fn dead_letter_request(ctx: &Ctx, msg: &jetstream::Message, why: String) -
         .as_ref()
         .and_then(|i| i.published.timestamp_nanos_opt())
         .unwrap_or_default();
-    let r = sqlx::query(
-        "INSERT INTO dead_letters (message_key, subject, stream_seq, deliveries, error_code, reason, headers, payload)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (message_key, error_code) DO NOTHING",
-    )
-    .bind(format!("exec-seq:{seq}:{stored}"))
-    .bind(msg.subject.as_str())
-    .bind(i64::try_from(seq).unwrap_or(i64::MAX))
-    .bind(info.as_ref().map(|i| i.delivered))
-    .bind(ErrorCode::Validation.as_str())
-    .bind(why)
-    .bind(Json(crate::ingest::headers_json(msg.headers.as_ref())))
-    .bind(msg.payload.to_vec())
-    .execute(&ctx.pool)
+    let raw = Raw {
+        subject: msg.subject.to_string(),
+        headers: crate::ingest::headers_json(msg.headers.as_ref()),
+        payload: msg.payload.clone(),
+    };
+    let dead = DeadLetter {
+        key: format!("exec-seq:{seq}:{stored}"),
+        code: ErrorCode::Validation,
+        reason: why,
+        seq,
+        deliveries: info.as_ref().map(|i| i.delivered).unwrap_or(1),
+        raw: &raw,
+        task_id: None,
+    };
+    let r = async {
+        let mut conn = ctx.pool.acquire().await?;
+        persist::insert_dead_letters(&mut conn, &[dead]).await
+    }
     .await;
     match r {
         Ok(_) => Settle::Term,
